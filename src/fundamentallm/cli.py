@@ -1,0 +1,231 @@
+"""The command line. Each command turns its flags into arguments and calls one function; no logic lives here.
+
+Errors the user can fix (UserError) are printed as one line on stderr with exit code 2 (1 when training failed
+after it started); anything else is reported as an internal error. --debug shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fundamentallm import __version__
+from fundamentallm.errors import UserError
+
+
+class _Group(click.Group):
+    """Turns UserError into one clean line and a non-zero exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug")) or os.environ.get("FUNDAMENTALLM_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("\nAborted.", err=True)
+            ctx.exit(130)
+        except BrokenPipeError:  # e.g. `fundamentallm generate ... | head`
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+            ctx.exit(0)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc}\nThis is a bug in FundamentaLLM; rerun with "
+                       f"--debug for the traceback and report it.", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="fundamentallm")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Train decoder-only transformer language models from scratch.
+
+    \b
+      fundamentallm train data.txt --config small -o runs/first
+      fundamentallm generate runs/first/final_model.pt --prompt "ROMEO:"
+      fundamentallm evaluate runs/first/best_model.pt
+    """
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train
+
+
+def _float_flag(value: str | None, flag: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"{flag} {value!r}: expected a number such as 3e-4") from None
+
+
+@cli.command()
+@click.argument("data", nargs=-1)
+@click.option("-c", "--config", "config_name", metavar="NAME|PATH",
+              help="Preset (small, medium, large, ...) or a YAML file. Default: medium.")
+@click.option("--learning-rate", "--lr", metavar="LR", help="Peak learning rate (training.learning_rate).")
+@click.option("--batch-size", type=int, help="Sequences per micro-batch (training.batch_size).")
+@click.option("--epochs", type=int, help="Passes over the training split (training.epochs).")
+@click.option("--sequence-length", type=int, help="Context length in characters (training.sequence_length).")
+@click.option("--seed", type=int, help="Random seed (training.seed).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("checkpoints"),
+              show_default=True, help="Where checkpoints, config.yaml and metrics.jsonl go.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Set any config key, e.g. --set training.warmup_steps=50 (repeatable).")
+@click.option("--resume", metavar="PATH|auto",
+              help="Continue from a checkpoint, or from the newest one in the output directory (auto).")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in the output directory.")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files (needs tensorboard).")
+def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | None, batch_size: int | None,
+          epochs: int | None, sequence_length: int | None, seed: int | None, device: str, output_dir: Path,
+          assignments: tuple[str, ...], resume: str | None, overwrite: bool, tensorboard: bool) -> None:
+    """Train a model on DATA: one or more text files, or directories of .txt files."""
+    from fundamentallm.checkpoint import find_resumable, read_checkpoint
+    from fundamentallm.config import parse_override, resolve_config
+    from fundamentallm.train import RUN_FILES, train as run_training
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; use one")
+    resume_from = None
+    if resume == "auto":
+        resume_from = find_resumable(output_dir)
+        if resume_from is None:
+            if any((output_dir / name).exists() for name in RUN_FILES) or list(output_dir.glob("*.pt")):
+                raise UserError(f"--resume auto: {output_dir} holds a run but no checkpoint that can be resumed "
+                                f"(see the warnings above); use --overwrite to start again")
+            click.echo(f"--resume auto: no checkpoint in {output_dir} yet; starting a new run", err=True)
+    elif resume:
+        payload = read_checkpoint(resume)
+        if "training_state" not in payload:
+            raise UserError(f"{resume} holds model weights only (best_model.pt is saved without optimizer "
+                            f"state); resume from checkpoint_epoch_N.pt, interrupted.pt or final_model.pt")
+        resume_from = (Path(resume), payload)
+    if not data:
+        if resume_from is None:
+            raise click.UsageError("missing DATA: give a text file, several files, or a directory of .txt files")
+        data = tuple(resume_from[1]["data"]["files"])
+
+    overrides: list[tuple[str, Any, str]] = [
+        ("training.learning_rate", _float_flag(learning_rate, "--learning-rate"), "--learning-rate"),
+        ("training.batch_size", batch_size, "--batch-size"),
+        ("training.epochs", epochs, "--epochs"),
+        ("training.sequence_length", sequence_length, "--sequence-length"),
+        ("training.seed", seed, "--seed"),
+    ]
+    overrides += [(*parse_override(a), "--set") for a in assignments]
+    base = (resume_from[1]["config"], f"checkpoint {resume_from[0]}") if resume_from else None
+    config = resolve_config(config_name, overrides, base=base)
+    result = run_training(config, list(data), output_dir, device=device, resume_from=resume_from,
+                          overwrite=overwrite, tensorboard=tensorboard,
+                          config_origin=config_name or (base[1] if base else "medium"))
+    if result.interrupted:
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generate
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", help="Text to continue. Without it, prompts are read from the terminal.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Characters to generate per sample.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="Sampling temperature; 0 is greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample only from the k most likely characters (0: all).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling: the smallest set of characters with this total probability.")
+@click.option("--seed", type=int, help="Seed for reproducible samples.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature: float, top_k: int,
+             top_p: float, seed: int | None, num_samples: int, device: str) -> None:
+    """Generate text from a checkpoint, streaming it as it is produced."""
+    import torch
+
+    from fundamentallm.checkpoint import load_model
+    from fundamentallm.generate import generate_tokens
+    from fundamentallm.train import select_device
+
+    dev = select_device(device)
+    loaded = load_model(checkpoint, dev)
+    tokenizer, context = loaded.tokenizer, loaded.model.context_length
+    generator = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+
+    def run(text: str) -> None:
+        ids = tokenizer.encode(text, what="prompt")
+        if len(ids) >= context:
+            raise UserError(f"the prompt is {len(ids):,} characters, but this model's context holds {context:,}; "
+                            f"shorten it to fewer than {context:,} characters")
+        if not ids:  # an empty prompt starts from a line break when the model knows one
+            ids = tokenizer.encode("\n") if "\n" in tokenizer.chars else [0]
+        for sample in range(num_samples):
+            if num_samples > 1:
+                click.echo(f"{'' if sample == 0 else chr(10)}--- sample {sample + 1}/{num_samples} ---")
+            click.echo(text, nl=False)
+            for token in generate_tokens(loaded.model, ids, max_tokens, temperature, top_k, top_p, generator):
+                click.echo(tokenizer.decode([token]), nl=False)
+            click.echo()
+
+    if prompt is not None:
+        run(prompt)
+    elif sys.stdin.isatty():
+        click.echo(f"Interactive generation from {checkpoint} (Ctrl-D to quit).", err=True)
+        while True:
+            try:
+                line = input("prompt> ")
+            except EOFError:
+                click.echo(err=True)
+                return
+            try:
+                run(line)
+            except UserError as exc:  # a bad prompt should not end the session
+                click.echo(f"error: {exc}", err=True)
+    else:
+        run(sys.stdin.read())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("data", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, device: str) -> None:
+    """Loss, perplexity and bits per character of CHECKPOINT on DATA (default: the run's validation split)."""
+    from fundamentallm.evaluate import evaluate as run_evaluation
+
+    result = run_evaluation(checkpoint, list(data) or None, device=device, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{result.checkpoint} on {result.data}: {result.tokens:,} characters, context "
+               f"{result.context_length}")
+    click.echo(f"  loss={result.loss:.4f} nats/char, perplexity={result.perplexity:.3f}, "
+               f"bpc={result.bits_per_char:.4f}")
+
+
+def main() -> None:
+    cli(prog_name="fundamentallm")

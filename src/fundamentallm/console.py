@@ -1,0 +1,88 @@
+"""Everything the user reads while a command runs.
+
+Reports (headers, per-epoch metrics, final bar lines) go to stdout so that `| tee training.log` keeps them;
+warnings and errors go to stderr. The live progress bar is drawn on stderr only when stderr is a terminal; when it
+is not (a log file, CI), progress is written as plain lines to stdout now and then, so a log never fills with
+carriage returns. Under torchrun only rank 0 speaks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+_quiet = False  # set on non-zero ranks
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def info(message: str = "") -> None:
+    if not _quiet:
+        print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    if not _quiet:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+class Progress:
+    """A progress bar that looks like tqdm on a terminal and degrades to periodic plain lines in a log."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0,
+                 log_every_seconds: float = 30.0, unit_scale: bool = False) -> None:
+        self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
+        self.n = initial
+        self.initial = initial
+        self.postfix: dict[str, Any] = {}
+        self.start = time.perf_counter()
+        self._last_line = self.start
+        self._log_every = log_every_seconds
+        self._bar: tqdm | None = None
+        if not _quiet and _stderr_is_terminal():
+            self._bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False,
+                             dynamic_ncols=True, file=sys.stderr, unit_scale=unit_scale)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif not _quiet and time.perf_counter() - self._last_line >= self._log_every and self.n < self.total:
+            self._last_line = time.perf_counter()
+            print(self.line(), flush=True)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=False)
+
+    def line(self) -> str:
+        postfix = ", ".join(f"{k}={v}" for k, v in self.postfix.items()) or None
+        return tqdm.format_meter(self.n, self.total, time.perf_counter() - self.start, prefix=self.desc,
+                                 unit=self.unit, unit_scale=self.unit_scale, ncols=100, postfix=postfix,
+                                 initial=self.initial)
+
+    def close(self, final_line: bool = True) -> None:
+        """Remove the live bar and, if asked, leave one permanent line on stdout."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if final_line and not _quiet:
+            print(self.line(), flush=True)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(final_line=exc[0] is None)

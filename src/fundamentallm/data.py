@@ -1,0 +1,347 @@
+"""Text in, token arrays out: reading, validation, tokenization, the token cache, splits and batches.
+
+    DATA paths -> text files (directories expanded; .gz/.xz read transparently)
+               -> strict UTF-8 in char-aligned chunks (errors name the file and byte offset)
+               -> tokenizer fitted on the training part -> token cache on disk (memory-mapped)
+               -> train / validation split by position -> random windows of sequence_length + 1 tokens
+
+Nothing here holds the whole text in memory: every pass streams fixed-size chunks, so a 100M-character corpus
+is prepared in bounded memory. The cache is keyed by the files' bytes and the tokenizer settings, so a second
+run over the same data skips straight to training, and editing any file re-tokenizes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import json
+import lzma
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from fundamentallm.console import Progress, warn
+from fundamentallm.errors import UserError
+from fundamentallm.files import atomic_write, atomic_write_bytes
+from fundamentallm.tokenizer import CharTokenizer, code_points
+
+CACHE_FORMAT = 1
+CHUNK_BYTES = 8 << 20  # streaming unit: bounded memory, large enough for vectorised work
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
+_PROGRESS_MIN_BYTES = 32 << 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding and reading files
+
+
+def find_text_files(paths: list[str | Path]) -> list[Path]:
+    """Expand DATA arguments: files are taken as given, directories contribute their .txt files (recursively)."""
+    if not paths:
+        raise UserError("no DATA given: pass a text file, several files, or a directory of .txt files")
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+            if not found:
+                raise UserError(f"directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)}); "
+                                f"point DATA at a .txt file or a folder of them")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            raise UserError(f"{path} is not a regular file or directory")
+        else:
+            raise UserError(f"data file {path} does not exist")
+    return files
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    try:
+        if path.name.endswith(".gz"):
+            return gzip.open(path, "rb")  # type: ignore[return-value]
+        if path.name.endswith(".xz"):
+            return lzma.open(path, "rb")  # type: ignore[return-value]
+        return open(path, "rb")
+    except PermissionError:
+        raise UserError(f"cannot read {path}: permission denied") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def iter_byte_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """Yield (offset, bytes) chunks that never split a UTF-8 sequence, so each decodes on its own."""
+    offset, carry = 0, b""
+    try:
+        with _open_binary(path) as f:
+            while True:
+                block = f.read(chunk_bytes)
+                if not block:
+                    break
+                data = carry + block
+                cut = _last_char_boundary(data)
+                carry = data[cut:]
+                if cut:
+                    yield offset, data[:cut]
+                    offset += cut
+    except (EOFError, OSError, lzma.LZMAError) as exc:
+        raise UserError(f"cannot read {path}: {exc} (is the compressed file complete?)") from None
+    if carry:
+        yield offset, carry  # an incomplete sequence at the very end: decoding reports it
+
+
+def _last_char_boundary(data: bytes) -> int:
+    """Index where the last (possibly incomplete) UTF-8 sequence of `data` starts, or len(data)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead or ASCII byte
+            needed = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            return len(data) if needed <= back else len(data) - back
+    return len(data)
+
+
+def decode_chunk(path: Path, offset: int, data: bytes) -> str:
+    """Strict UTF-8; an error names the file and the byte offset of the first bad byte."""
+    try:
+        text = codecs.decode(data, "utf-8", "strict")
+    except UnicodeDecodeError as exc:
+        bad = offset + exc.start
+        where = "uncompressed byte offset" if path.name.endswith((".gz", ".xz")) else "byte offset"
+        raise UserError(f"{path} is not valid UTF-8: byte 0x{data[exc.start]:02x} at {where} {bad:,}. "
+                        f"Convert it to UTF-8 first (for example: iconv -f latin1 -t utf-8)") from None
+    if "\x00" in text:
+        raise UserError(f"{path} looks like a binary file (it contains NUL bytes at byte offset "
+                        f"{offset + data.index(0):,}); FundamentaLLM trains on UTF-8 text")
+    return text
+
+
+def read_text(paths: list[Path]) -> str:
+    """The whole text of small inputs (prompts files, evaluation files), strictly decoded."""
+    return "".join(decode_chunk(p, off, data) for p in paths for off, data in iter_byte_chunks(p))
+
+
+def _count_chars(data: bytes) -> int:
+    # Every UTF-8 character has exactly one byte that is not a continuation byte (10xxxxxx).
+    arr = np.frombuffer(data, dtype=np.uint8)
+    return len(arr) - int(np.count_nonzero((arr & 0xC0) == 0x80))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The token cache
+
+
+@dataclass
+class TokenData:
+    """A tokenized corpus: the tokenizer and the train / validation token arrays (memory-mapped)."""
+
+    tokenizer: CharTokenizer
+    train: np.ndarray
+    val: np.ndarray
+    files: list[Path]
+    num_chars: int
+    fingerprint: str  # identifies the corpus and tokenizer settings; resume refuses a different one
+    cache_dir: Path
+    from_cache: bool
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fundamentallm" / "tokens"
+
+
+def _fingerprint(files: list[Path], validation_split: float, min_char_frequency: int) -> tuple[str, int, int]:
+    """Hash of every file's bytes and the tokenizer settings; also returns total chars and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps({"format": CACHE_FORMAT, "validation_split": validation_split,
+                              "min_char_frequency": min_char_frequency}).encode())
+    chars = total_bytes = 0
+    for path in files:
+        digest.update(b"\x00file\x00")
+        for _, data in iter_byte_chunks(path):
+            digest.update(data)
+            chars += _count_chars(data)
+            total_bytes += len(data)
+    return digest.hexdigest(), chars, total_bytes
+
+
+def _stream_text(files: list[Path], desc: str, total_bytes: int) -> Iterator[str]:
+    show = total_bytes >= _PROGRESS_MIN_BYTES
+    bar = Progress(total_bytes, desc, unit="B", unit_scale=True) if show else None
+    for path in files:
+        for offset, data in iter_byte_chunks(path):
+            yield decode_chunk(path, offset, data)
+            if bar is not None:
+                bar.update(len(data))
+    if bar is not None:
+        bar.close(final_line=False)
+
+
+def prepare_tokens(
+    paths: list[str | Path],
+    validation_split: float,
+    min_char_frequency: int = 1,
+    cache_dir: Path | None = None,
+) -> TokenData:
+    """Tokenize DATA (or reuse the cached tokens) and split it by position into train and validation."""
+    files = find_text_files(paths)
+    key, num_chars, total_bytes = _fingerprint(files, validation_split, min_char_frequency)
+    names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    if num_chars == 0:
+        raise UserError(f"{names}: no text (the input is empty)")
+    cache_dir = Path(cache_dir or default_cache_dir()) / key
+    meta = _load_cache(cache_dir)
+    from_cache = meta is not None
+    if meta is None:
+        meta = _build_cache(files, names, cache_dir, num_chars, total_bytes, validation_split, min_char_frequency)
+    tokens = np.memmap(cache_dir / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r",
+                       shape=(meta["num_tokens"],))
+    split = meta["num_train"]
+    return TokenData(
+        tokenizer=CharTokenizer.from_dict(meta["tokenizer"]), train=tokens[:split], val=tokens[split:],
+        files=files, num_chars=num_chars, fingerprint=key, cache_dir=cache_dir, from_cache=from_cache,
+    )
+
+
+def _load_cache(cache_dir: Path) -> dict | None:
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text("utf-8"))
+        size = (cache_dir / "tokens.bin").stat().st_size
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != CACHE_FORMAT or size != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize:
+        return None
+    return meta
+
+
+def _build_cache(files: list[Path], names: str, cache_dir: Path, num_chars: int, total_bytes: int,
+                 validation_split: float, min_char_frequency: int) -> dict:
+    num_train = num_chars - max(1, round(num_chars * validation_split))
+    # Pass 1: validate the text and count characters in each region, to fit the vocabulary on training text.
+    train_counts = np.zeros(0x110000, dtype=np.int64)
+    val_counts = np.zeros(0x110000, dtype=np.int64)
+    seen = 0
+    has_text = False
+    for text in _stream_text(files, "Reading", total_bytes):
+        cps = code_points(text)
+        head = max(0, min(len(cps), num_train - seen))
+        train_counts += np.bincount(cps[:head], minlength=0x110000)
+        val_counts += np.bincount(cps[head:], minlength=0x110000)
+        seen += len(cps)
+        has_text = has_text or not text.isspace()
+    if not has_text:
+        raise UserError(f"{names}: the text is only whitespace; there is nothing to learn from")
+    unseen_in_train = int(np.count_nonzero((val_counts > 0) & (train_counts < min_char_frequency)))
+    tokenizer = CharTokenizer.fit(train_counts, min_char_frequency, reserve_unknown=unseen_in_train > 0)
+    if unseen_in_train:
+        warn(f"{unseen_in_train} distinct character(s) in the validation part never occur (often enough) in "
+             f"the training part; they map to the unknown token")
+
+    # Pass 2: encode chunk by chunk straight into the cache file.
+    dtype = tokenizer.dtype
+
+    def write_tokens(f: BinaryIO) -> None:
+        for text in _stream_text(files, "Tokenizing", total_bytes):
+            f.write(tokenizer.encode_array(text).astype(dtype).tobytes())
+
+    try:
+        atomic_write(cache_dir / "tokens.bin", write_tokens)
+        meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "num_tokens": num_chars, "num_train": num_train,
+                "tokenizer": tokenizer.to_dict(), "files": [str(f) for f in files]}
+        atomic_write_bytes(cache_dir / "meta.json", json.dumps(meta).encode())  # last: marks the cache whole
+    except UserError as exc:
+        raise UserError(f"cannot write the token cache ({exc}); set FUNDAMENTALLM_CACHE_DIR to a writable "
+                        f"directory") from None
+    return meta
+
+
+def encode_files(paths: list[str | Path], tokenizer: CharTokenizer) -> np.ndarray:
+    """Tokenize DATA with an existing tokenizer (for evaluation); characters it cannot represent are an error."""
+    files = find_text_files(paths)
+    parts, unknown = [], 0
+    for path in files:
+        for offset, data in iter_byte_chunks(path):
+            text = decode_chunk(path, offset, data)
+            ids = tokenizer.encode_array(text)
+            missing = ids < 0 if not tokenizer.has_unknown else ids == tokenizer.unknown_id
+            if missing.any():
+                if not tokenizer.has_unknown:
+                    tokenizer.encode(text, what=f"file {path}")  # raises, naming the unseen characters
+                unknown += int(missing.sum())
+            parts.append(ids.astype(tokenizer.dtype))
+    if unknown:
+        warn(f"{unknown:,} character(s) are outside the model's vocabulary and count as the unknown token")
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=tokenizer.dtype)
+    if len(tokens) < 2:
+        raise UserError(f"{', '.join(map(str, files))}: too little text to evaluate (need at least 2 characters)")
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def as_tensor(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy of `tokens` on `device`, compact (uint8, else int32); windows are widened to int64 per batch."""
+    return torch.from_numpy(np.array(tokens, dtype=np.uint8 if tokens.dtype == np.uint8 else np.int32)).to(device)
+
+
+def gather_windows(tokens: torch.Tensor | np.ndarray, starts: torch.Tensor, length: int,
+                   device: torch.device) -> torch.Tensor:
+    """Windows tokens[s : s + length] for every start s, as a (len(starts), length) int64 tensor on `device`."""
+    index = starts[:, None] + torch.arange(length)
+    if isinstance(tokens, torch.Tensor):
+        window = tokens[index.to(tokens.device, non_blocking=True)]
+    else:
+        window = torch.from_numpy(tokens[index.numpy()].astype(np.int64))
+    return window.to(device, dtype=torch.long, non_blocking=True)
+
+
+class BatchSampler:
+    """Random windows of sequence_length + 1 tokens from the training split.
+
+    Offsets come from a dedicated CPU generator whose state goes into every checkpoint, so a resumed run draws
+    exactly the windows the uninterrupted run would have. Under torchrun every rank draws the same global set of
+    batch_size x world_size offsets and takes its own slice: the global batch is the same whatever the number of
+    processes.
+    """
+
+    def __init__(self, tokens: torch.Tensor | np.ndarray, batch_size: int, sequence_length: int,
+                 device: torch.device, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.tokens = tokens
+        self.batch_size, self.sequence_length = batch_size, sequence_length
+        self.device = device
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        high = len(self.tokens) - self.sequence_length  # exclusive: the last window ends at the last token
+        starts = torch.randint(0, high, (self.batch_size * self.world_size,), generator=self.generator)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        window = gather_windows(self.tokens, mine, self.sequence_length + 1, self.device)
+        return window[:, :-1], window[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def eval_windows(num_tokens: int, context: int, max_windows: int = 0) -> list[tuple[int, int]]:
+    """(start, length) windows covering every prediction in a token stream once: stride `context`, each window
+    holds up to context + 1 tokens. With max_windows > 0, that many windows spread evenly over the stream."""
+    windows = [(s, min(context + 1, num_tokens - s)) for s in range(0, num_tokens - 1, context)]
+    if max_windows and len(windows) > max_windows:
+        step = len(windows) / max_windows
+        windows = [windows[int(i * step)] for i in range(max_windows)]
+    return windows

@@ -1,0 +1,100 @@
+"""Crash-safe file writing: every file FundamentaLLM writes appears whole or not at all.
+
+A writer fills a temporary file in the target's own directory (so the final rename never crosses file
+systems), the data is flushed and fsync'ed, and only then is the file renamed over the target. A process killed
+at any moment leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from fundamentallm.errors import TrainingFailed, UserError
+
+# Test hook: seconds to pause after every 64 KiB written, so that a test can kill the process mid-write.
+_SLOW_WRITE_ENV = "FUNDAMENTALLM_TEST_SLOW_WRITE"
+TEMP_PREFIX = ".tmp-"
+
+
+class _SlowWriter:
+    def __init__(self, raw: BinaryIO, pause: float) -> None:
+        self.raw, self.pause = raw, pause
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        for start in range(0, len(view), 1 << 16):
+            self.raw.write(view[start : start + (1 << 16)])
+            self.raw.flush()
+            time.sleep(self.pause)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(f)` on a temporary file and rename it to `path` once it is complete and on disk."""
+    path = Path(path)
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=directory)
+    except PermissionError:
+        raise UserError(f"cannot write to {directory}: permission denied; choose another directory "
+                        f"with -o/--output-dir") from None
+    except OSError as exc:
+        raise UserError(f"cannot write to {directory}: {exc.strerror}") from None
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
+        with os.fdopen(fd, "wb") as f:
+            pause = float(os.environ.get(_SLOW_WRITE_ENV, "0") or 0)
+            write(_SlowWriter(f, pause) if pause > 0 else f)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(directory)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrainingFailed(f"the disk is full while writing {path}; nothing was overwritten. Free some "
+                                 f"space (or write elsewhere with -o) and resume with --resume auto") from None
+        if isinstance(exc, PermissionError):
+            raise UserError(f"cannot write {path}: permission denied") from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform (e.g. Windows), where it is skipped.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporary files left by a process that was killed while writing."""
+    for tmp in Path(directory).glob(TEMP_PREFIX + "*"):
+        tmp.unlink(missing_ok=True)

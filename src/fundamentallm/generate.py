@@ -1,0 +1,65 @@
+"""Text generation: sampling as pure functions over logits, and a streaming decoder with a KV cache.
+
+Each new token runs the model over one position, reusing the cached keys and values of all earlier ones.
+When the text outgrows the context, the window slides: the cache is rebuilt from the last half-context of
+tokens (one batched forward pass every context/2 tokens), so the cost per token stays flat however long the
+text gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fundamentallm.model import GPT
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask (to -inf) every logit outside the top-k and outside the smallest set with probability >= top_p."""
+    logits = logits.clone()
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits[logits < kth] = -torch.inf
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits[drop] = -torch.inf
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield `max_new_tokens` token ids continuing `prompt` (which must fit in the context), one at a time."""
+    device = next(model.parameters()).device
+    context = model.context_length
+    keep = max(1, context // 2)  # tokens kept when the window slides
+    dtype = next(model.parameters()).dtype
+    cache = model.new_cache(1, device, dtype)
+    tokens = list(prompt)
+    logits, _ = model(torch.tensor([tokens], device=device), cache=cache)
+    for i in range(max_new_tokens):
+        next_id = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)[0])
+        tokens.append(next_id)
+        yield next_id
+        if i == max_new_tokens - 1:
+            break
+        if cache.length == context:  # slide: rebuild the cache from the most recent tokens
+            cache.length = 0
+            logits, _ = model(torch.tensor([tokens[-keep:]], device=device), cache=cache)
+        else:
+            logits, _ = model(torch.tensor([[next_id]], device=device), cache=cache)

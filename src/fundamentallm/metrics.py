@@ -1,0 +1,80 @@
+"""Loss arithmetic and the run's metric log (metrics.jsonl, plus TensorBoard when asked for).
+
+metrics.jsonl holds one JSON object per line, written and flushed as training goes, so `tail -f` works and a
+crashed run keeps everything up to its last line. Records have "kind": "train" (every log_interval optimizer
+steps) or "eval" (after each evaluation), and "kind": "run" for the first line, which describes the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fundamentallm.console import warn
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def perplexity(loss_nats: float) -> float:
+    return math.exp(min(loss_nats, 700.0))  # exp overflows past ~709
+
+
+def bits_per_char(loss_nats: float) -> float:
+    """Bits per character: for a character tokenizer one token is one character."""
+    return loss_nats / math.log(2)
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        if resume_step is not None:
+            _truncate_after(self.path, resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run's duration
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warn("--tensorboard needs the tensorboard package: pip install 'fundamentallm[tensorboard]'; "
+                     "continuing without TensorBoard")
+            else:
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete record of a run's metrics.jsonl (a half-written last line is ignored)."""
+    path = Path(run_dir) / METRICS_FILE
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """On resume, drop records from beyond the checkpoint, which the resumed run is about to redo."""
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path.parent) if r.get("kind") == "run" or r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

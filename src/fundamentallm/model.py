@@ -1,0 +1,194 @@
+"""The decoder-only transformer, top to bottom in one file.
+
+Pre-norm blocks (x + attn(norm(x)), x + mlp(norm(x))), causal self-attention through
+torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels where available), token plus
+learned position embeddings, a GELU MLP, dropout, and an output projection tied to the token embedding. The
+defaults are the training guide's architecture; RoPE, RMSNorm, SwiGLU and QK-norm are options in ModelConfig.
+
+The model does math only: no devices, precision, compilation or files in here (train.py applies those).
+Shapes: B batch, T time (tokens), C = d_model, H heads, D = C / H head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fundamentallm.config import Config, ModelConfig
+
+
+def _norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=cfg.bias)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions generated so far: each new token costs one position."""
+
+    def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (num_layers, batch, heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled
+        self.max_len = max_len
+
+
+def rope_tables(context_length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(context_length, dtype=torch.float32), inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); rotate each (first half, second half) pair of the head by a position-dependent angle.
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            cache.k[layer, :, :, past : past + T] = k
+            cache.v[layer, :, :, past : past + T] = v
+            k, v = cache.k[layer, :, :, : past + T], cache.v[layer, :, :, : past + T]
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token attends to every cached position
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # a chunk after a cached prefix: query i sees keys up to past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if self.swiglu else None
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.gate(x)) * self.fc(x) if self.gate is not None else F.gelu(self.fc(x))
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = _norm(cfg, cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = _norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, context_length: int) -> None:
+        super().__init__()
+        self.cfg, self.vocab_size, self.context_length = cfg, vocab_size, context_length
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(context_length, cfg.d_model) if cfg.position_embedding == "learned" else None
+        if cfg.position_embedding == "rope":
+            cos, sin = rope_tables(context_length, cfg.head_dim)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm_f = _norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by depth, so its variance stays
+        # roughly constant however many blocks add to it.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+
+    @classmethod
+    def from_config(cls, config: Config, vocab_size: int) -> GPT:
+        return cls(config.model, vocab_size=vocab_size, context_length=config.training.sequence_length)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Every trainable number, shared (tied) tensors counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs (forward + backward) per token: 6 per weight of every matrix multiply, plus the
+        attention scores and weighted sums over a full context (PaLM appendix B)."""
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = 12 * self.cfg.num_layers * self.cfg.d_model * self.context_length
+        return 6 * matmul_weights + attention
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache(self.cfg.num_layers, batch, self.cfg.num_heads, self.context_length, self.cfg.head_dim,
+                       device, dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy over the
+        targets that are not -1. With a cache, idx continues the cached positions and only the last position's
+        logits are computed (B, 1, V)."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.context_length:
+            raise ValueError(f"{start + T} positions exceed the context length {self.context_length}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T]) \
+            if self.cfg.position_embedding == "rope" else None
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.length += T
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
