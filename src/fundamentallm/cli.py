@@ -98,7 +98,8 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     """Train a model on DATA: one or more text files, or directories of .txt files."""
     from fundamentallm.checkpoint import find_resumable, read_checkpoint
     from fundamentallm.config import parse_override, resolve_config
-    from fundamentallm.train import RUN_FILES, train as run_training
+    from fundamentallm.train import RUN_FILES
+    from fundamentallm.train import train as run_training
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; use one")

@@ -197,8 +197,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None
 def _unknown_key_message(key: str, known: list[str], source: str) -> str:
     close = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=1)
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
-    return f"unknown config key '{key}' (from {source}); {hint}known keys: {', '.join(known)}"
+    if close:
+        return f"unknown config key '{key}' (from {source}); did you mean '{prefix}{close[0]}'?"
+    return f"unknown config key '{key}' (from {source}); known keys: {', '.join(known)}"
 
 
 def _format_validation_error(exc: ValidationError, sources: dict[str, str], tree: dict[str, Any]) -> str:
@@ -215,9 +216,10 @@ def _format_validation_error(exc: ValidationError, sources: dict[str, str], tree
             continue
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] in ("value_error", "assertion_error") and len(err["loc"]) <= 1:
-            messages.append(f"{msg}{origin}")
+            messages.append(msg)  # a rule across keys; its message names them
             continue
-        messages.append(f"{loc} = {err['input']!r}{origin} is not allowed: {msg[0].lower() + msg[1:]}")
+        rule = msg.replace("Input should be", "must be").replace("Input", "the value")
+        messages.append(f"{loc} = {err['input']!r}{origin} is not allowed: {rule}")
     return "invalid configuration: " + "; ".join(messages)
 
 

@@ -28,6 +28,9 @@ class Dist:
         return self.rank == 0
 
 
+SINGLE = Dist()
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -35,7 +38,7 @@ def launched_by_torchrun() -> bool:
 def init(use_cuda: bool) -> Dist:
     """Join the process group torchrun describes (no-op for a single process)."""
     if not launched_by_torchrun():
-        return Dist()
+        return SINGLE
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:

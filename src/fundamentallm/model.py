@@ -172,7 +172,7 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy over the
         targets that are not -1. With a cache, idx continues the cached positions and only the last position's
         logits are computed (B, 1, V)."""
-        B, T = idx.shape
+        T = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.context_length:
             raise ValueError(f"{start + T} positions exceed the context length {self.context_length}")

@@ -28,7 +28,14 @@ from fundamentallm import checkpoint as ckpt
 from fundamentallm import distributed
 from fundamentallm.config import Config, TrainingConfig, save_config
 from fundamentallm.console import Progress, info, set_quiet, warn
-from fundamentallm.data import BatchSampler, TokenData, as_tensor, eval_windows, gather_windows, prepare_tokens
+from fundamentallm.data import (
+    BatchSampler,
+    TokenData,
+    as_tensor,
+    eval_windows,
+    gather_windows,
+    prepare_tokens,
+)
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.metrics import MetricsLog, bits_per_char, perplexity
 from fundamentallm.model import GPT
@@ -115,7 +122,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 @torch.no_grad()
 def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int, device: torch.device,
                   amp: torch.dtype | None = None, max_windows: int = 0,
-                  dist: distributed.Dist = distributed.Dist()) -> float:
+                  dist: distributed.Dist = distributed.SINGLE) -> float:
     """Mean cross-entropy (nats per token) over `tokens`, every prediction counted once, at the model's context
     length (see data.eval_windows). Under torchrun the windows are shared out and the sums all-reduced."""
     windows = eval_windows(len(tokens), model.context_length, max_windows)[dist.rank :: dist.world_size]
@@ -566,7 +573,7 @@ def _oom_message(cfg: TrainingConfig, dev: torch.device) -> str:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -1,0 +1,157 @@
+"""train -> generate -> evaluate through the real CLI, on a slice of tinyshakespeare."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, run_cli, run_subprocess, train_tiny
+
+from fundamentallm.checkpoint import load_model, save_checkpoint
+from fundamentallm.config import resolve_config
+from fundamentallm.metrics import read_metrics
+from fundamentallm.model import GPT
+from fundamentallm.tokenizer import CharTokenizer, count_code_points
+
+
+def train_losses(run: Path) -> list[float]:
+    return [r["train_loss"] for r in read_metrics(run) if r["kind"] == "train"]
+
+
+@pytest.fixture
+def trained(corpus: Path, tmp_path: Path) -> tuple[Path, str]:
+    run = tmp_path / "run"
+    result = train_tiny(corpus, run, "--epochs", "2")
+    return run, result.output
+
+
+def test_train_writes_every_promised_file(trained: tuple[Path, str]) -> None:
+    run, _ = trained
+    for name in ("checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "best_model.pt", "final_model.pt",
+                 "config.yaml", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".tmp-*")), "temporary files left behind"
+
+
+def test_console_shows_bar_and_epoch_metrics_without_control_characters(trained: tuple[Path, str]) -> None:
+    _, output = trained
+    assert "parameters" in output and "optimizer steps" in output
+    assert "Epoch 1/2: 100%|" in output and "Epoch 2/2: 100%|" in output
+    for key in ("train_loss=", "val_loss=", "perplexity=", "bpc="):
+        assert output.count(key) == 2, key
+    assert "\r" not in output and "\x1b" not in output  # readable in a log file
+
+
+def test_generate_and_evaluate_work_on_every_checkpoint(trained: tuple[Path, str]) -> None:
+    run, _ = trained
+    for name in ("checkpoint_epoch_2.pt", "best_model.pt", "final_model.pt"):
+        gen = run_cli("generate", run / name, "--prompt", "ROMEO:", "--max-tokens", "50", "--seed", "1")
+        assert gen.exit_code == 0, gen.stderr
+        assert gen.stdout.startswith("ROMEO:") and len(gen.stdout) == len("ROMEO:") + 50 + 1  # + final newline
+        ev = run_cli("evaluate", run / name, "--json")
+        assert ev.exit_code == 0, ev.stderr
+        metrics = json.loads(ev.stdout)
+        assert 0 < metrics["loss"] < math.log(65)
+        assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / math.log(2))
+        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+
+
+def test_evaluate_without_data_reproduces_the_runs_validation_loss(trained: tuple[Path, str]) -> None:
+    run, _ = trained
+    last_eval = [r for r in read_metrics(run) if r["kind"] == "eval"][-1]
+    result = json.loads(run_cli("evaluate", run / "final_model.pt", "--json").stdout)
+    assert result["loss"] == pytest.approx(last_eval["val_loss"], rel=1e-5)
+    assert result["tokens"] == 4000  # the last 10% of 40,000 characters
+
+
+def test_evaluate_on_another_file(trained: tuple[Path, str], corpus: Path, shakespeare: Path,
+                                  tmp_path: Path) -> None:
+    run, _ = trained
+    known = set(corpus.read_text())
+    other = tmp_path / "other.txt"
+    other.write_text("".join(c for c in shakespeare.read_text()[500_000:520_000] if c in known)[:10_000])
+    result = run_cli("evaluate", run / "best_model.pt", other)
+    assert result.exit_code == 0, result.stderr
+    assert "10,000 characters" in result.stdout and "bpc=" in result.stdout
+    unseen = tmp_path / "unseen.txt"
+    unseen.write_text("ZEBRA QUIZ" * 10)  # 'Z' and 'Q' never occur in the first 40,000 characters
+    result = run_cli("evaluate", run / "best_model.pt", unseen)
+    assert result.exit_code == 2 and "'Z'" in result.stderr and "never saw" in result.stderr
+
+
+def test_same_seed_same_losses_different_seed_different(corpus: Path, tmp_path: Path) -> None:
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        train_tiny(corpus, tmp_path / name, "--epochs", "1", "--seed", str(seed),
+                   "--set", "model.dropout=0.1", "--set", "training.deterministic=true")
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert train_losses(tmp_path / "a") != train_losses(tmp_path / "c")
+
+
+def test_training_reduces_the_loss(trained: tuple[Path, str]) -> None:
+    run, _ = trained
+    evals = [r["val_loss"] for r in read_metrics(run) if r["kind"] == "eval"]
+    losses = train_losses(run)
+    assert losses[-1] < losses[0] - 0.5
+    assert evals[-1] < math.log(65) - 0.5
+
+
+def test_keep_last_n_and_save_every(corpus: Path, tmp_path: Path) -> None:
+    train_tiny(corpus, tmp_path / "keep", "--epochs", "4", "--set", "training.keep_last_n=2")
+    assert sorted(p.name for p in (tmp_path / "keep").glob("checkpoint_epoch_*.pt")) == \
+        ["checkpoint_epoch_3.pt", "checkpoint_epoch_4.pt"]
+    train_tiny(corpus, tmp_path / "every", "--epochs", "3", "--set", "training.save_every_n_epochs=2",
+               "--set", "training.save_best=false")
+    assert sorted(p.name for p in (tmp_path / "every").glob("*.pt")) == ["checkpoint_epoch_2.pt", "final_model.pt"]
+
+
+def test_early_stopping_ends_training(corpus: Path, tmp_path: Path) -> None:
+    # A learning rate too small to move any weight: validation loss never improves after the first epoch.
+    result = train_tiny(corpus, tmp_path / "run", "--epochs", "10", "--learning-rate", "1e-12",
+                        "--set", "training.early_stopping_patience=2", "--set", "training.scheduler=constant")
+    assert "Early stopping" in result.output
+    assert "Epoch 3/10: 100%" in result.output and "Epoch 4/10" not in result.output
+    assert (tmp_path / "run" / "final_model.pt").exists()
+
+
+def test_gradient_accumulation_counts_optimizer_steps(corpus: Path, tmp_path: Path) -> None:
+    result = train_tiny(corpus, tmp_path / "run", "--epochs", "1", "--batch-size", "4",
+                        "--set", "training.gradient_accumulation_steps=2")
+    # 36,000 training tokens / (4 x 2 x 32 tokens per optimizer step) = 141 steps
+    assert "141 optimizer steps" in result.output
+    assert max(r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train") == 141
+
+
+def test_save_then_load_gives_identical_logits(tmp_path: Path) -> None:
+    config = resolve_config("small", [("training.sequence_length", 32, "--set")])
+    tokenizer = CharTokenizer.fit(count_code_points("abcdefghij"))
+    model = GPT.from_config(config, tokenizer.vocab_size).eval()
+    save_checkpoint(tmp_path / "m.pt", model=model, config=config, tokenizer=tokenizer, data={}, progress={})
+    loaded = load_model(tmp_path / "m.pt")
+    x = torch.randint(0, tokenizer.vocab_size, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], loaded.model(x)[0])
+    assert loaded.tokenizer.chars == tokenizer.chars
+
+
+def test_generation_options(trained: tuple[Path, str]) -> None:
+    final = trained[0] / "final_model.pt"
+    greedy = [run_cli("generate", final, "-p", "KING", "--temperature", "0", "--max-tokens", "40").stdout
+              for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    seeded = [run_cli("generate", final, "-p", "KING", "--seed", "5", "--top-k", "5", "--top-p", "0.9",
+                      "--max-tokens", "40").stdout for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    two = run_cli("generate", final, "-p", "A", "--num-samples", "2", "--max-tokens", "20").stdout
+    assert "--- sample 1/2 ---" in two and "--- sample 2/2 ---" in two
+    # Far beyond the 32-character context: the window slides instead of stopping.
+    long = run_cli("generate", final, "-p", "A", "--max-tokens", "300", "--seed", "0")
+    assert long.exit_code == 0 and len(long.stdout) == 1 + 300 + 1
+
+
+def test_entry_points(tmp_path: Path) -> None:
+    result = run_subprocess("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout
+    assert (ROOT / "pyproject.toml").read_text().count('fundamentallm = "fundamentallm.cli:main"') == 1

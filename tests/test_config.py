@@ -1,0 +1,96 @@
+"""Configuration: presets, precedence, validation messages, the resolved config saved with a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import assert_clean_error, run_cli, snapshot
+
+from fundamentallm.config import Config, preset_names, resolve_config
+from fundamentallm.errors import UserError
+
+
+def test_every_shipped_preset_loads_and_holds_the_guide_sizes() -> None:
+    assert {"small", "medium", "large"} <= set(preset_names())
+    for name in preset_names():
+        assert isinstance(resolve_config(name), Config)
+    sizes = {name: resolve_config(name).model for name in ("small", "medium", "large")}
+    assert (sizes["small"].d_model, sizes["small"].num_heads, sizes["small"].num_layers, sizes["small"].d_ff) == \
+        (128, 4, 2, 512)
+    assert (sizes["medium"].d_model, sizes["medium"].num_layers) == (512, 6)
+    assert (sizes["large"].d_model, sizes["large"].num_heads, sizes["large"].num_layers) == (768, 12, 12)
+
+
+def test_medium_is_the_default() -> None:
+    assert resolve_config(None).model == resolve_config("medium").model
+
+
+def test_precedence_defaults_then_yaml_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  d_model: 64\n  num_heads: 4\ntraining:\n  learning_rate: 1.0e-3\n  batch_size: 4\n")
+    cfg = resolve_config(str(path), [("training.batch_size", 16, "--batch-size"),
+                                     ("training.epochs", None, "--epochs")])
+    assert cfg.model.d_model == 64  # from YAML
+    assert cfg.model.num_layers == Config().model.num_layers  # default
+    assert cfg.training.learning_rate == 1e-3  # YAML
+    assert cfg.training.batch_size == 16  # flag beats YAML
+    assert cfg.training.epochs == Config().training.epochs  # flag not given
+
+
+def test_guide_spelling_configs_small_yaml_means_the_preset() -> None:
+    assert resolve_config("configs/small.yaml").model.d_model == 128
+
+
+@pytest.mark.parametrize(("overrides", "needles"), [
+    ([("training.learning_rate", -0.001, "--learning-rate")], ["training.learning_rate", "-0.001", "greater than 0"]),
+    ([("training.batch_size", 0, "--batch-size")], ["training.batch_size", "0"]),
+    ([("model.dropout", 1.0, "--set")], ["model.dropout", "1.0", "less than 1"]),
+    ([("training.validation_split", 1.5, "--set")], ["training.validation_split", "1.5"]),
+    ([("model.d_model", 130, "--set")], ["d_model (130)", "num_heads (4)", "divisible"]),
+    ([("training.warmup_step", 5, "--set")], ["unknown config key", "training.warmup_step", "warmup_steps"]),
+    ([("trainng.epochs", 5, "--set")], ["unknown config key", "trainng"]),
+    ([("training.scheduler", "cosin", "--set")], ["training.scheduler", "cosine", "linear"]),
+    ([("training.epochs", "many", "--set")], ["training.epochs", "many", "integer"]),
+])
+def test_invalid_values_name_key_value_and_rule(overrides: list, needles: list[str]) -> None:
+    with pytest.raises(UserError) as info:
+        resolve_config("small", overrides)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_unknown_key_in_yaml_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  d_modle: 64\n")
+    with pytest.raises(UserError, match=r"model\.d_modle.*did you mean 'model\.d_model'"):
+        resolve_config(str(path))
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  d_model: [64\n")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        resolve_config(str(path))
+
+
+def test_cli_reports_config_errors_cleanly_and_writes_nothing(corpus: Path, tmp_path: Path) -> None:
+    before = snapshot(tmp_path)
+    result = run_cli("train", corpus, "--config", "small", "--learning-rate", "-1", "-o", tmp_path / "run")
+    assert_clean_error(result, "training.learning_rate", "-1", "--learning-rate")
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_override_reaches_the_saved_config(corpus: Path, tmp_path: Path) -> None:
+    from helpers import train_tiny
+
+    train_tiny(corpus, tmp_path / "run", "--epochs", "1", "--set", "training.warmup_steps=3",
+               "--set", "training.scheduler=linear")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["training"]["warmup_steps"] == 3
+    assert saved["training"]["scheduler"] == "linear"
+    assert saved["model"]["d_model"] == 32
+    assert resolve_config(str(tmp_path / "run" / "config.yaml")).training.warmup_steps == 3
