@@ -28,7 +28,8 @@ class _Group(click.Group):
         except UserError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            if not getattr(exc, "quiet", False):  # under torchrun, a rank that only follows another's error
+                click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             if debug:

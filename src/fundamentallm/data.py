@@ -18,6 +18,7 @@ import hashlib
 import json
 import lzma
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,11 @@ from fundamentallm.errors import UserError
 from fundamentallm.files import atomic_write, atomic_write_bytes
 from fundamentallm.tokenizer import CharTokenizer, code_points
 
-CACHE_FORMAT = 1
-CHUNK_BYTES = 8 << 20  # streaming unit: bounded memory, large enough for vectorised work
+CACHE_FORMAT = 2  # 2: files hashed as stored on disk; meta records text_bytes
+CHUNK_BYTES = 2 << 20  # streaming unit: measured as fast as 8 or 16 MB chunks, and much less memory
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
 _PROGRESS_MIN_BYTES = 32 << 20
+_COPY_TOKENS = 16 << 20  # slice size when copying tokens to a device
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,8 +78,9 @@ def _open_binary(path: Path) -> BinaryIO:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def iter_byte_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+def iter_byte_chunks(path: Path, chunk_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
     """Yield (offset, bytes) chunks that never split a UTF-8 sequence, so each decodes on its own."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES  # read at call time, so that tests can shrink it
     offset, carry = 0, b""
     try:
         with _open_binary(path) as f:
@@ -149,6 +152,8 @@ class TokenData:
     fingerprint: str  # identifies the corpus and tokenizer settings; resume refuses a different one
     cache_dir: Path
     from_cache: bool
+    text_bytes: int = 0  # UTF-8 bytes of the text (uncompressed)
+    build_seconds: float = 0.0  # time spent building the token cache; 0 when it was reused
 
 
 def default_cache_dir() -> Path:
@@ -159,19 +164,54 @@ def default_cache_dir() -> Path:
     return Path(base) / "fundamentallm" / "tokens"
 
 
-def _fingerprint(files: list[Path], validation_split: float, min_char_frequency: int) -> tuple[str, int, int]:
-    """Hash of every file's bytes and the tokenizer settings; also returns total chars and bytes."""
+def _compression(path: Path) -> str:
+    return "gz" if path.name.endswith(".gz") else "xz" if path.name.endswith(".xz") else "none"
+
+
+def _fingerprint(files: list[Path], validation_split: float, min_char_frequency: int) -> str:
+    """Hash of every file's bytes as stored on disk, plus the tokenizer settings.
+
+    Compressed files are hashed as they are stored, not decompressed: the key still changes whenever the text
+    does, and a second run over a .xz corpus starts without decompressing it (decompression costs far more than
+    hashing). This pass reads each file once at disk speed; nothing else happens when the cache is valid.
+    """
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps({"format": CACHE_FORMAT, "validation_split": validation_split,
                               "min_char_frequency": min_char_frequency}).encode())
+    sizes = [_file_size(path) for path in files]
+    total = sum(sizes)
+    bar = Progress(total, "Hashing", unit="B", unit_scale=True) if total >= _PROGRESS_MIN_BYTES else None
+    for path, size in zip(files, sizes, strict=True):
+        # Kind and size frame each file, so that no two different file lists can feed the same byte stream.
+        digest.update(f"\x00file\x00{_compression(path)}\x00{size}\x00".encode())
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(CHUNK_BYTES):
+                    digest.update(block)
+                    if bar is not None:
+                        bar.update(len(block))
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if bar is not None:
+        bar.close(final_line=False)
+    return digest.hexdigest()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _measure(files: list[Path]) -> tuple[int, int]:
+    """Characters and (uncompressed) bytes of the text: the split point is needed before the vocabulary pass."""
     chars = total_bytes = 0
     for path in files:
-        digest.update(b"\x00file\x00")
         for _, data in iter_byte_chunks(path):
-            digest.update(data)
             chars += _count_chars(data)
             total_bytes += len(data)
-    return digest.hexdigest(), chars, total_bytes
+    return chars, total_bytes
 
 
 def _stream_text(files: list[Path], desc: str, total_bytes: int) -> Iterator[str]:
@@ -194,21 +234,26 @@ def prepare_tokens(
 ) -> TokenData:
     """Tokenize DATA (or reuse the cached tokens) and split it by position into train and validation."""
     files = find_text_files(paths)
-    key, num_chars, total_bytes = _fingerprint(files, validation_split, min_char_frequency)
-    names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    if num_chars == 0:
-        raise UserError(f"{names}: no text (the input is empty)")
+    key = _fingerprint(files, validation_split, min_char_frequency)
     cache_dir = Path(cache_dir or default_cache_dir()) / key
     meta = _load_cache(cache_dir)
     from_cache = meta is not None
+    build_seconds = 0.0
     if meta is None:
+        names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        start = time.perf_counter()
+        num_chars, total_bytes = _measure(files)
+        if num_chars == 0:
+            raise UserError(f"{names}: no text (the input is empty)")
         meta = _build_cache(files, names, cache_dir, num_chars, total_bytes, validation_split, min_char_frequency)
+        build_seconds = time.perf_counter() - start
     tokens = np.memmap(cache_dir / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r",
                        shape=(meta["num_tokens"],))
     split = meta["num_train"]
     return TokenData(
         tokenizer=CharTokenizer.from_dict(meta["tokenizer"]), train=tokens[:split], val=tokens[split:],
-        files=files, num_chars=num_chars, fingerprint=key, cache_dir=cache_dir, from_cache=from_cache,
+        files=files, num_chars=meta["num_tokens"], fingerprint=key, cache_dir=cache_dir, from_cache=from_cache,
+        text_bytes=meta.get("text_bytes", 0), build_seconds=build_seconds,
     )
 
 
@@ -234,8 +279,8 @@ def _build_cache(files: list[Path], names: str, cache_dir: Path, num_chars: int,
     for text in _stream_text(files, "Reading", total_bytes):
         cps = code_points(text)
         head = max(0, min(len(cps), num_train - seen))
-        train_counts += np.bincount(cps[:head], minlength=0x110000)
-        val_counts += np.bincount(cps[head:], minlength=0x110000)
+        _add_counts(train_counts, cps[:head])
+        _add_counts(val_counts, cps[head:])
         seen += len(cps)
         has_text = has_text or not text.isspace()
     if not has_text:
@@ -246,22 +291,31 @@ def _build_cache(files: list[Path], names: str, cache_dir: Path, num_chars: int,
         warn(f"{unseen_in_train} distinct character(s) in the validation part never occur (often enough) in "
              f"the training part; they map to the unknown token")
 
-    # Pass 2: encode chunk by chunk straight into the cache file.
+    # Pass 2: encode chunk by chunk straight into the cache file, in the smallest integer type that holds the
+    # vocabulary. Every character of the corpus is in the vocabulary or maps to the unknown token (reserved above
+    # whenever one does not), so the lookup can produce that type directly, with no int64 intermediate.
     dtype = tokenizer.dtype
 
     def write_tokens(f: BinaryIO) -> None:
         for text in _stream_text(files, "Tokenizing", total_bytes):
-            f.write(tokenizer.encode_array(text).astype(dtype).tobytes())
+            f.write(tokenizer.encode_array(text, dtype).tobytes())
 
     try:
         atomic_write(cache_dir / "tokens.bin", write_tokens)
         meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "num_tokens": num_chars, "num_train": num_train,
-                "tokenizer": tokenizer.to_dict(), "files": [str(f) for f in files]}
+                "text_bytes": total_bytes, "tokenizer": tokenizer.to_dict(), "files": [str(f) for f in files]}
         atomic_write_bytes(cache_dir / "meta.json", json.dumps(meta).encode())  # last: marks the cache whole
     except UserError as exc:
         raise UserError(f"cannot write the token cache ({exc}); set FUNDAMENTALLM_CACHE_DIR to a writable "
                         f"directory") from None
     return meta
+
+
+def _add_counts(counts: np.ndarray, cps: np.ndarray) -> None:
+    # Histogram only up to the largest code point present: far less than all 1.1M for most chunks.
+    if len(cps):
+        hist = np.bincount(cps)
+        counts[: len(hist)] += hist
 
 
 def encode_files(paths: list[str | Path], tokenizer: CharTokenizer) -> np.ndarray:
@@ -291,8 +345,16 @@ def encode_files(paths: list[str | Path], tokenizer: CharTokenizer) -> np.ndarra
 
 
 def as_tensor(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A copy of `tokens` on `device`, compact (uint8, else int32); windows are widened to int64 per batch."""
-    return torch.from_numpy(np.array(tokens, dtype=np.uint8 if tokens.dtype == np.uint8 else np.int32)).to(device)
+    """A copy of `tokens` on `device`, compact (uint8, else int32); windows are widened to int64 per batch.
+
+    Copied in slices, so that moving a memory-mapped corpus to the GPU never holds a second full copy of it in
+    host memory (100M uint16 tokens would need 400 MB of int32 at once)."""
+    np_dtype = np.uint8 if tokens.dtype == np.uint8 else np.int32
+    out = torch.empty(len(tokens), dtype=torch.uint8 if np_dtype == np.uint8 else torch.int32, device=device)
+    for start in range(0, len(tokens), _COPY_TOKENS):
+        piece = np.array(tokens[start : start + _COPY_TOKENS], dtype=np_dtype)  # a copy: memmaps are read-only
+        out[start : start + len(piece)].copy_(torch.from_numpy(piece))
+    return out
 
 
 def gather_windows(tokens: torch.Tensor | np.ndarray, starts: torch.Tensor, length: int,

@@ -35,7 +35,7 @@ class CharTokenizer:
         self.has_unknown = bool(has_unknown)
         self._id = {c: i for i, c in enumerate(self.chars)}
         self.unknown_id = len(self.chars) if has_unknown else -1
-        self._lut: np.ndarray | None = None
+        self._luts: dict[np.dtype, np.ndarray] = {}
 
     @classmethod
     def fit(cls, counts: np.ndarray, min_frequency: int = 1, reserve_unknown: bool = False) -> CharTokenizer:
@@ -57,16 +57,19 @@ class CharTokenizer:
                 return np.dtype(dtype)
         raise AssertionError("unreachable: code points fit in uint32")
 
-    def _lookup(self) -> np.ndarray:
-        if self._lut is None:
+    def _lookup(self, dtype: np.dtype) -> np.ndarray:
+        if dtype not in self._luts:
             lut = np.full(MAX_CODE_POINT, self.unknown_id, dtype=np.int64)
             lut[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
-            self._lut = lut
-        return self._lut
+            self._luts[dtype] = lut.astype(dtype)  # an unsigned table holds -1 as its maximum value
+        return self._luts[dtype]
 
-    def encode_array(self, text: str) -> np.ndarray:
-        """Token ids of `text`; characters outside the vocabulary become the unknown id, or -1 without one."""
-        return self._lookup()[code_points(text)]
+    def encode_array(self, text: str, dtype: np.dtype | type = np.int64) -> np.ndarray:
+        """Token ids of `text`; characters outside the vocabulary become the unknown id, or -1 without one.
+
+        With an unsigned `dtype` (e.g. `self.dtype`, to write the token cache without an int64 intermediate) the
+        caller must know that every character is in the vocabulary or that there is an unknown token."""
+        return self._lookup(np.dtype(dtype))[code_points(text)]
 
     def encode(self, text: str, what: str = "text") -> list[int]:
         """Token ids of `text`; raises a UserError naming unseen characters when there is no unknown token."""

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fundamentallm import checkpoint as ckpt
 from fundamentallm import distributed
 from fundamentallm.config import Config, TrainingConfig, save_config
-from fundamentallm.console import Progress, info, set_quiet, warn
+from fundamentallm.console import Progress, info, is_quiet, set_quiet, warn
 from fundamentallm.data import (
     BatchSampler,
     TokenData,
@@ -162,6 +162,8 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if is_quiet():  # under torchrun every process gets the signal; rank 0 speaks for all
+            return
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
               f"(press Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
 
@@ -272,10 +274,7 @@ def train(config: Config, data_paths: list[str], output_dir: Path, *, device: st
     """Train a model on DATA as `config` says, writing checkpoints and metrics into `output_dir`."""
     cfg = config.training
     output_dir = Path(output_dir)
-    dev = select_device(device)
-    dist = distributed.init(use_cuda=dev.type == "cuda")
-    if dist.enabled and dev.type == "cuda":
-        dev = torch.device("cuda", dist.local_rank)
+    dist, dev = distributed.init(select_device(device))  # under torchrun: this process's GPU, cuda:LOCAL_RANK
     set_quiet(not dist.is_main)
     try:
         return _train(config, cfg, data_paths, output_dir, dev, dist, resume_from, overwrite, tensorboard,
@@ -287,21 +286,24 @@ def train(config: Config, data_paths: list[str], output_dir: Path, *, device: st
 def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_dir: Path, dev: torch.device,
            dist: distributed.Dist, resume_from: tuple[Path, dict[str, Any]] | None, overwrite: bool,
            tensorboard: bool, config_origin: str) -> TrainResult:
-    earlier_run = check_output_dir(output_dir, resume_from is not None, overwrite) if dist.is_main else []
-    seed_everything(cfg.seed, cfg.deterministic)
+    # Under torchrun, a set-up error on any rank stops every rank cleanly (distributed.collectively).
+    # Data: the first process on each machine builds that machine's token cache, the others then read it.
+    with distributed.collectively(dist):
+        earlier_run = check_output_dir(output_dir, resume_from is not None, overwrite) if dist.is_main else []
+        if dist.is_local_main:
+            data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
+    with distributed.collectively(dist):
+        if not dist.is_local_main:
+            data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
+        _check_data_size(data, cfg)
+        if resume_from is not None:
+            check_resume_compatible(resume_from[1], config, data, resume_from[0])
+    # Each rank its own seed, so that dropout masks differ between ranks; rank 0's is the single-process seed,
+    # so it initialises the same model (DDP then copies rank 0's weights to the others).
+    seed_everything(cfg.seed + dist.rank, cfg.deterministic)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
-
-    # Data: rank 0 builds the token cache first, the others then read it.
-    if dist.is_main:
-        data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
-    distributed.barrier(dist)
-    if not dist.is_main:
-        data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
-    _check_data_size(data, cfg)
-    if resume_from is not None:
-        check_resume_compatible(resume_from[1], config, data, resume_from[0])
     resident = dev.type != "cpu" and data.train.nbytes + data.val.nbytes <= DEVICE_RESIDENT_MAX_BYTES
     train_tokens = as_tensor(data.train, dev) if resident else data.train
     val_tokens = as_tensor(data.val, dev) if resident else data.val
@@ -315,10 +317,17 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                            rank=dist.rank, world_size=dist.world_size)
     state = _Progress()
     if resume_from is not None:
-        state = _restore(resume_from[1], model, optimizer, scaler, sampler, dev)
-    step_model = _compile(model, cfg, dev)
-    if dist.enabled:
-        step_model = DistributedDataParallel(step_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        state = _restore(resume_from[1], model, optimizer, scaler, sampler, dev, dist, cfg.seed)
+    if not distributed.same_on_all_ranks(dist, state.step):  # e.g. --resume auto found no checkpoint on a node
+        if not dist.is_main:
+            raise distributed.PeerFailed([0], quiet=True)  # rank 0 says what is wrong, once
+        raise UserError(f"the processes disagree on where to resume (some start at step {state.step:,}, others "
+                        f"elsewhere): with --nnodes, put -o/--output-dir on a filesystem every machine shares, or "
+                        f"give --resume PATH to a checkpoint present on every machine")
+    # DDP wraps the model first and torch.compile wraps DDP: the order PyTorch documents for compiled DDP.
+    ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if dist.enabled else None
+    step_model = _compile(ddp or model, cfg, dev)
 
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.sequence_length * dist.world_size
     steps_per_epoch = max(1, math.ceil(len(data.train) / tokens_per_step))
@@ -327,17 +336,22 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     if state.step >= total_steps:
         raise UserError(f"the run in {output_dir} already finished its {total_steps:,} steps "
                         f"({cfg.epochs} epochs); to train further, resume with a larger --epochs")
-    if dist.is_main:
-        _start_output_dir(output_dir, earlier_run, resume=resume_from is not None)
-        save_config(config, output_dir / "config.yaml")
+    with distributed.collectively(dist):
+        if dist.is_main:
+            _start_output_dir(output_dir, earlier_run, resume=resume_from is not None)
+            save_config(config, output_dir / "config.yaml")
     _print_header(config, data, model, dev, amp, dist, steps_per_epoch, total_steps, tokens_per_step,
-                  output_dir, resume_from, config_origin, step_model is not model)
+                  output_dir, resume_from, config_origin, step_model is not (ddp or model))
 
     data_info = {"fingerprint": data.fingerprint, "files": [str(f.resolve()) for f in data.files],
                  "num_chars": data.num_chars, "num_train_tokens": len(data.train),
                  "num_val_tokens": len(data.val)}
 
     def save(path: Path, with_training_state: bool = True) -> None:
+        """Called on every rank at the same points; only rank 0 writes."""
+        rng = _rng_state(dev)
+        # Each rank's RNG state (its dropout stream), so a resumed distributed run continues exactly.
+        per_rank = distributed.all_gather_object(dist, rng) if with_training_state and dist.enabled else None
         if not dist.is_main:
             return
         training_state = None
@@ -345,8 +359,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
             training_state = {
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "sampler": sampler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
+                "rng": {**rng, "per_rank": per_rank} if per_rank else rng,
             }
         ckpt.save_checkpoint(path, model=model, config=config, tokenizer=data.tokenizer, data=data_info,
                              progress=state.to_dict(), training_state=training_state)
@@ -373,7 +386,8 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
 
     def evaluate_now() -> bool:
         """Evaluate, log, keep best_model.pt; returns True when early stopping says to stop."""
-        val_loss = estimate_loss(model, val_tokens, cfg.batch_size, dev, amp, cfg.eval_batches, dist)
+        val_loss = estimate_loss(model, val_tokens, cfg.batch_size, dev, amp, cfg.eval_batches * cfg.batch_size,
+                                 dist)
         state.val_loss = val_loss
         improved = val_loss < state.best_val_loss
         if improved:
@@ -405,7 +419,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                     for micro in range(accum):
                         x, y = sampler.next()
                         sync = not dist.enabled or micro == accum - 1  # all-reduce only on the last micro-batch
-                        with (contextlib.nullcontext() if sync else step_model.no_sync()), \
+                        with (contextlib.nullcontext() if sync or ddp is None else ddp.no_sync()), \
                                 torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                             _, loss = step_model(x, y)
                         scaler.scale(loss / accum).backward()
@@ -452,7 +466,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                             if result.stopped_early:
                                 break
 
-                    if distributed.any_rank(dist, stop.signum is not None, dev):
+                    if distributed.any_rank(dist, stop.signum is not None):
                         state.elapsed_seconds = time.perf_counter() - run_start
                         bar.close(final_line=False)
                         return _interrupted(stop, save, state, output_dir, result)
@@ -502,7 +516,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
 # Helpers of the loop
 
 
-def _compile(model: GPT, cfg: TrainingConfig, dev: torch.device) -> torch.nn.Module:
+def _compile(model: torch.nn.Module, cfg: TrainingConfig, dev: torch.device) -> torch.nn.Module:
     wanted = cfg.compile if cfg.compile != "auto" else dev.type == "cuda"
     if not wanted:
         return model
@@ -516,18 +530,32 @@ def _compile(model: GPT, cfg: TrainingConfig, dev: torch.device) -> torch.nn.Mod
         return model
 
 
+def _rng_state(dev: torch.device) -> dict[str, Any]:
+    # Only this process's GPU: asking for every GPU's state would open a CUDA context on each of them.
+    return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(dev)] if dev.type == "cuda" else []}
+
+
 def _restore(payload: dict[str, Any], model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             sampler: BatchSampler, dev: torch.device) -> _Progress:
+             sampler: BatchSampler, dev: torch.device, dist: distributed.Dist, seed: int) -> _Progress:
     training_state = payload["training_state"]
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(training_state["optimizer"])
     scaler.load_state_dict(training_state["scaler"])
     sampler.load_state_dict(training_state["sampler"])
-    torch.set_rng_state(training_state["rng"]["torch"])
-    if dev.type == "cuda" and training_state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(training_state["rng"]["cuda"])
     known = _Progress.__dataclass_fields__
-    return _Progress(**{k: v for k, v in payload["progress"].items() if k in known})
+    progress = _Progress(**{k: v for k, v in payload["progress"].items() if k in known})
+    rng = training_state["rng"]
+    per_rank = rng.get("per_rank") or []
+    exact = len(per_rank) == dist.world_size or (not per_rank and not dist.enabled)
+    mine = per_rank[dist.rank] if len(per_rank) == dist.world_size else rng
+    torch.set_rng_state(mine["torch"])
+    if dev.type == "cuda" and mine["cuda"]:
+        torch.cuda.set_rng_state(mine["cuda"][0], dev)
+    if not exact and dist.rank > 0:
+        # Resumed with another number of processes: rank 0 continues the saved stream, the others get fresh
+        # streams of their own (distinct per rank and step, so dropout masks still differ between ranks).
+        torch.manual_seed(seed + dist.rank + 1_000_003 * progress.step)
+    return progress
 
 
 def _check_data_size(data: TokenData, cfg: TrainingConfig) -> None:
@@ -572,6 +600,13 @@ def _oom_message(cfg: TrainingConfig, dev: torch.device) -> str:
             f"{max(1, cfg.sequence_length // 2)}")
 
 
+def _tokenized(data: TokenData) -> str:
+    if data.build_seconds < 0.5:  # nothing worth reporting for small inputs
+        return ""
+    rate = data.text_bytes / data.build_seconds / 1e6
+    return f" (tokenized in {data.build_seconds:.1f}s, {rate:.0f} MB/s, into the token cache)"
+
+
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     h, rem = divmod(seconds, 3600)
@@ -592,7 +627,7 @@ def _print_header(config: Config, data: TokenData, model: GPT, dev: torch.device
          + (f", {dist.world_size} processes" if dist.enabled else ""))
     info(f"Data: {files}: {data.num_chars:,} characters, vocabulary {data.tokenizer.vocab_size}; "
          f"train {len(data.train):,} / validation {len(data.val):,} tokens"
-         + (" (token cache)" if data.from_cache else ""))
+         + (" (token cache)" if data.from_cache else _tokenized(data)))
     info(f"Model: {config_origin or 'config'}: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, "
          f"d_ff {m.d_ff}, context {t.sequence_length}: {model.num_parameters():,} parameters")
     effective = t.batch_size * t.gradient_accumulation_steps * dist.world_size
