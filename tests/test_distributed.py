@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from helpers import SHAKESPEARE, run_cli
 
+from fundamentallm.checkpoint import read_checkpoint
 from fundamentallm.metrics import read_metrics
 
 TOLERANCE = 1e-3
@@ -110,6 +111,11 @@ def test_resuming_a_two_process_run_continues_exactly(text: Path, tmp_path: Path
     assert_curves_match(losses(straight), losses(resumed), 1e-6)
     assert_curves_match(losses(straight, "eval", "val_loss"), losses(resumed, "eval", "val_loss"), 1e-6)
     assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in straight.iterdir())
+
+    # A single process can take the run further: an epoch is now 43 steps of 8 sequences instead of 22 of 16.
+    more = run_cli("train", "--resume", "auto", "-o", resumed, "--epochs", "3", "--device", "cpu")
+    assert more.exit_code == 0, more.stderr
+    assert read_checkpoint(resumed / "final_model.pt")["progress"]["step"] == 44 + 43
 
 
 def test_a_bad_input_stops_every_process_with_one_message(tmp_path: Path) -> None:

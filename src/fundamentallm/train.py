@@ -334,8 +334,12 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
 
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.sequence_length * dist.world_size
     steps_per_epoch = max(1, math.ceil(len(data.train) / tokens_per_step))
-    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
-                                                                                  cfg.epochs * steps_per_epoch)
+    # Counted from where the run stands, not as epochs x steps_per_epoch: a resumed run may take other steps
+    # per epoch than the run that wrote the checkpoint (another batch size or number of processes), and a
+    # max_steps run ends its last epoch early.
+    state.step_in_epoch = min(state.step_in_epoch, steps_per_epoch)
+    planned = state.step + (cfg.epochs - state.epochs_done) * steps_per_epoch - state.step_in_epoch
+    total_steps = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
     if state.step >= total_steps:
         raise UserError(f"the run in {output_dir} already finished its {total_steps:,} steps "
                         f"({cfg.epochs} epochs); to train further, resume with a larger --epochs")
@@ -412,7 +416,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
         with stop.installed():
             while state.step < total_steps and not result.stopped_early:
                 epoch = state.epochs_done + 1
-                epoch_steps = min(steps_per_epoch, total_steps - state.epochs_done * steps_per_epoch)
+                epoch_steps = min(steps_per_epoch, state.step_in_epoch + total_steps - state.step)
                 bar = Progress(epoch_steps, f"Epoch {epoch}/{cfg.epochs}", unit="it", initial=state.step_in_epoch)
                 while state.step_in_epoch < epoch_steps:
                     lr = lr_at(state.step, total_steps, steps_per_epoch, cfg)
