@@ -5,6 +5,7 @@
     python benchmarks/big_corpus.py                       # unpacks ../shared/data/gutenberg_100M.txt.xz first
     python benchmarks/big_corpus.py --corpus big.txt --repeats 3 --train-steps 20 --json results.json
     python benchmarks/big_corpus.py --scaling 2            # also tokens/s at 1 and 2 processes (torchrun)
+    python benchmarks/big_corpus.py --large-alphabet        # also a synthetic 10,000-character Chinese corpus
 
 Every measurement runs in a fresh child process, so that its peak resident memory (ru_maxrss, read with
 os.wait4 for that child alone) is the child's own: the same figure `/usr/bin/time -v` reports. Timings are
@@ -172,8 +173,23 @@ def unpack(xz: Path, workdir: Path) -> Path:
     return target
 
 
+def make_large_alphabet_corpus(path: Path, chars: int = 30_000_000, alphabet: int = 10_000) -> Path:
+    """Synthetic Chinese-like text: `alphabet` distinct CJK ideographs with Zipf-like frequencies (a few very
+    common, most rare, as in real text) and a line break every ~20 characters. Deterministic (seed 0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ranks = np.minimum(rng.zipf(1.2, chars), alphabet) - 1
+    ranks[:alphabet] = np.arange(alphabet)  # every character at least once
+    code_points = (0x4E00 + ranks).astype(np.uint32)
+    code_points[rng.random(chars) < 0.05] = ord("\n")
+    path.write_text(code_points.tobytes().decode("utf-32-le"), encoding="utf-8")
+    return path
+
+
 def measure_big_corpus(corpus: Path | None = None, *, repeats: int = 3, train_steps: int = 20,
-                       scaling: int = 0, scaling_device: str = "cuda", workdir: Path | None = None) -> dict[str, Any]:
+                       scaling: int = 0, scaling_device: str = "cuda", large_alphabet: bool = False,
+                       workdir: Path | None = None) -> dict[str, Any]:
     """All the big-corpus numbers as a dict (see the module docstring). Without `corpus`, the 100M-character
     Gutenberg corpus is unpacked into `workdir` (a temporary directory by default, removed afterwards)."""
     own_dir = workdir is None
@@ -186,6 +202,9 @@ def measure_big_corpus(corpus: Path | None = None, *, repeats: int = 3, train_st
             result["training"] = measure_training(corpus, work, train_steps)
         if scaling > 1:
             result["scaling"] = measure_scaling(corpus, work, scaling, train_steps or 20, scaling_device)
+        if large_alphabet:
+            cjk = make_large_alphabet_corpus(work / "large_alphabet.txt")
+            result["large_alphabet"] = measure_tokenization(cjk, work / "large-alphabet", repeats)
         return result
     finally:
         if own_dir:
@@ -224,6 +243,12 @@ def table(result: dict[str, Any]) -> str:
             if key.startswith("tokens_per_second_"):
                 rows.append((f"training, {key.rsplit('_', 1)[1]} process(es) ({s['device']})",
                              f"{value:,.0f} tokens/s"))
+    if "large_alphabet" in result:
+        la = result["large_alphabet"]
+        rows.append(("large alphabet (synthetic)", f"{la['chars']:,} characters, {la['text_bytes'] / 1e6:.1f} MB, "
+                                                   f"vocabulary {la['vocab']} ({la['dtype']}): "
+                                                   f"{la['tokenize_mb_per_s']['best']:.0f} MB/s best, "
+                                                   f"{la['tokenize_mb_per_s']['worst']:.0f} MB/s worst"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -236,12 +261,15 @@ def main() -> None:
     parser.add_argument("--scaling", type=int, default=0, metavar="N",
                         help="also measure training tokens/s at 1 and N processes with torchrun")
     parser.add_argument("--scaling-device", default="cuda", help="device for --scaling (default cuda)")
+    parser.add_argument("--large-alphabet", action="store_true",
+                        help="also tokenize a synthetic corpus of 10,000 distinct Chinese characters")
     parser.add_argument("--workdir", type=Path, help="where to unpack and build caches (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "big_corpus.json",
                         help="where to write the numbers (default benchmarks/results/big_corpus.json)")
     args = parser.parse_args()
     result = measure_big_corpus(args.corpus, repeats=args.repeats, train_steps=args.train_steps,
-                                scaling=args.scaling, scaling_device=args.scaling_device, workdir=args.workdir)
+                                scaling=args.scaling, scaling_device=args.scaling_device,
+                                large_alphabet=args.large_alphabet, workdir=args.workdir)
     print(table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -158,10 +158,12 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.aborted = False  # a second signal came
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:
+            self.aborted = True
             raise KeyboardInterrupt
         self.signum = signum
         if is_quiet():  # under torchrun every process gets the signal; rank 0 speaks for all
@@ -507,6 +509,8 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     except torch.OutOfMemoryError:
         raise TrainingFailed(_oom_message(cfg, dev)) from None
     except RuntimeError as exc:
+        if stop.aborted:  # the second Ctrl-C landed inside torch.save, which reports it as a RuntimeError
+            raise KeyboardInterrupt from None
         if "can't allocate memory" not in str(exc):  # the CPU allocator's out-of-memory error
             raise
         raise TrainingFailed(_oom_message(cfg, dev)) from None
