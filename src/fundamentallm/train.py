@@ -76,11 +76,25 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it, fp16 (with a gradient scaler) on older GPUs, full fp32 on CPU."""
-    if not enabled or device.type != "cuda":
+def autocast_dtype(device: torch.device, setting: bool | str) -> torch.dtype | None:
+    """The autocast dtype for training, or None for full fp32.
+
+    GPUs: bf16 where supported, else fp16 (with a gradient scaler), unless the setting is false. CPUs: fp32 unless
+    the setting is explicitly true and the CPU has native bf16 instructions (AVX512-BF16 or AMX)."""
+    if setting is False:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and setting is True:
+        if _cpu_has_native_bf16():
+            return torch.bfloat16
+        warn("use_mixed_precision: this CPU has no native bf16 instructions; training in fp32")
+    return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private API: absent in some versions
+    return bool(probe()) if probe is not None else False
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainingConfig) -> float:
@@ -357,7 +371,8 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     log = MetricsLog(output_dir, resume_step=state.step if resume_from else None,
                      tensorboard=tensorboard) if dist.is_main else None
     if log is not None and resume_from is None:
-        log.write({"kind": "run", "parameters": model.num_parameters(), "vocab_size": data.tokenizer.vocab_size,
+        log.write({"kind": "run", "parameters": model.num_parameters(), "flops_per_token": model.flops_per_token(),
+                   "vocab_size": data.tokenizer.vocab_size,
                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                    "tokens_per_step": tokens_per_step, "device": str(dev), "world_size": dist.world_size,
                    "config": config.to_dict()})
@@ -445,7 +460,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                             log.write({"kind": "train", "step": state.step, "epoch": epoch,
                                        "train_loss": sum(values) / len(values), "lr": lr,
                                        "grad_norm": sum(norms) / len(norms), "tokens_per_sec": tps,
-                                       "elapsed": now - run_start})
+                                       "elapsed": now - run_start, **_memory_stats(dev)})
                         result.tokens_per_second = tps
                         window_losses, window_norms, window_tokens = [], [], 0
                         window_start = now
@@ -577,6 +592,12 @@ def _oom_message(cfg: TrainingConfig, dev: torch.device) -> str:
             f"{half} --set training.gradient_accumulation_steps={cfg.gradient_accumulation_steps * 2}; 2) a smaller "
             f"preset, e.g. --config small; 3) a shorter context, e.g. --sequence-length "
             f"{max(1, cfg.sequence_length // 2)}")
+
+
+def _memory_stats(dev: torch.device) -> dict[str, float]:
+    if dev.type != "cuda":
+        return {}
+    return {"peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20}
 
 
 def _duration(seconds: float) -> str:
