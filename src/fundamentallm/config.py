@@ -82,6 +82,8 @@ class TrainingConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
     step_size: int = Field(1, ge=1, description="step scheduler: epochs between drops")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step scheduler: factor per drop")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' weight matrices, AdamW for the rest (PyTorch >= 2.9)")
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)

@@ -114,13 +114,53 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainingConfig
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: GPT, cfg: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
-    # Weight decay on matrices and embeddings only; biases and norm gains are not decayed.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+def make_optimizer(model: GPT, cfg: TrainingConfig, device: torch.device) -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW, or Muon for the blocks' weight matrices plus AdamW for everything else (training.optimizer)."""
+    fused = device.type in ("cuda", "cpu")  # fused AdamW kernels exist for both since PyTorch 2.4
+
+    def adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        # Weight decay on matrices and embeddings only; biases and norm gains are not decayed.
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+    if cfg.optimizer == "adamw":
+        return adamw(list(model.parameters()))
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"training.optimizer=muon needs PyTorch 2.9 or newer (this is {torch.__version__}); "
+                        f"upgrade PyTorch or use training.optimizer=adamw")
+    matrices = [p for block in model.blocks for p in block.parameters() if p.dim() == 2]
+    ids = {id(p) for p in matrices}
+    # match_rms_adamw scales Muon's orthogonalised update to AdamW's size, so one learning rate serves both.
+    muon = torch.optim.Muon(matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw([p for p in model.parameters() if id(p) not in ids]))
+
+
+class MuonAdamW:
+    """Two optimizers stepped as one: what the loop, the gradient scaler and checkpoints see."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -538,8 +578,8 @@ def _compile(model: GPT, cfg: TrainingConfig, dev: torch.device) -> torch.nn.Mod
         return model
 
 
-def _restore(payload: dict[str, Any], model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             sampler: BatchSampler, dev: torch.device) -> _Progress:
+def _restore(payload: dict[str, Any], model: GPT, optimizer: torch.optim.Optimizer | MuonAdamW,
+             scaler: torch.amp.GradScaler, sampler: BatchSampler, dev: torch.device) -> _Progress:
     training_state = payload["training_state"]
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(training_state["optimizer"])
