@@ -2,13 +2,15 @@
 
 metrics.jsonl holds one JSON object per line, written and flushed as training goes, so `tail -f` works and a
 crashed run keeps everything up to its last line. Records have "kind": "train" (every log_interval optimizer
-steps) or "eval" (after each evaluation), and "kind": "run" for the first line, which describes the run.
+steps) or "eval" (after each evaluation), and "kind": "run" for the first line, which describes the run. Every
+record carries "time" (Unix time), so tools can measure from a process's launch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ class MetricsLog:
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
+        record = {**record, "time": time.time()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None and "step" in record:
