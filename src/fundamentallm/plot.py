@@ -103,6 +103,19 @@ class RunCurves:
         return best if rose else None
 
 
+    def train_loss_at_evals(self) -> list[float]:
+        """Training loss to compare with each evaluation: the mean of the training records since the previous
+        evaluation (single records are too noisy to read a gap from)."""
+        out, previous = [], -math.inf
+        for step in self.eval_steps:
+            window = [v for s, v in zip(self.train_steps, self.train_loss, strict=True) if previous < s <= step]
+            if not window:  # no record in between: the latest one before
+                window = [v for s, v in zip(self.train_steps, self.train_loss, strict=True) if s <= step][-1:]
+            out.append(sum(window) / len(window) if window else math.nan)
+            previous = step
+        return out
+
+
 def load_curves(run_dir: Path, name: str | None = None) -> RunCurves:
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -156,7 +169,7 @@ def draw_runs(curves: list[RunCurves], title: str | None = None) -> Any:
             # Shade validation minus training loss from the best evaluation on: the overfitting gap.
             steps = np.array(run.eval_steps[turn:])
             val = np.array(run.val_loss[turn:])
-            train_at = np.interp(steps, run.train_steps, run.train_loss)
+            train_at = np.array(run.train_loss_at_evals()[turn:])
             shade = color if not single else "C3"
             ax_loss.fill_between(steps, train_at, val, color=shade, alpha=0.15,
                                  label="overfitting gap" if single else None)
