@@ -259,7 +259,8 @@ def draw_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequen
     finite = [v for v in smoothed if math.isfinite(v)]
     if finite:
         span = max(finite[0] - min(finite), 0.05 * abs(finite[0]), 1e-3)
-        ax.set_ylim(min(finite) - 0.15 * span, finite[0] + 0.5 * span)
+        lowest = min(v for v in [*finite, *losses] if math.isfinite(v))  # raw losses dip below the smoothed curve
+        ax.set_ylim(min(min(finite) - 0.15 * span, lowest - 0.05 * span), finite[0] + 0.5 * span)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Learning-rate range test", fontsize=10)
