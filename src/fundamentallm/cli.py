@@ -144,8 +144,8 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     result = run_training(config, list(data), output_dir, device=device, resume_from=resume_from,
                           overwrite=overwrite, tensorboard=tensorboard,
                           config_origin=config_name or (base[1] if base else "medium"))
-    if result.interrupted:
-        sys.exit(130)
+    if result.interrupted_by is not None:
+        sys.exit(128 + result.interrupted_by)  # the shell convention for "ended by signal N"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,8 +306,8 @@ def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None
 
     result = run_sweep(config_name, _overrides(assignments, epochs=epochs), list(grids), list(data), output_dir,
                        device=device, tensorboard=tensorboard)
-    if result.interrupted:
-        sys.exit(130)
+    if result.interrupted_by is not None:
+        sys.exit(128 + result.interrupted_by)  # as train: the shell convention for "ended by signal N"
 
 
 @cli.command()

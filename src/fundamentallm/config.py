@@ -133,6 +133,9 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:  # e.g. where an unclosed bracket was opened
+            problem += f" ({context} started at line {context_mark.line + 1}, column {context_mark.column + 1})"
         raise UserError(f"{origin} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}

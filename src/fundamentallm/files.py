@@ -25,13 +25,15 @@ TEMP_PREFIX = ".tmp-"
 class _SlowWriter:
     def __init__(self, raw: BinaryIO, pause: float) -> None:
         self.raw, self.pause = raw, pause
+        self._unpaused = 0  # bytes written since the last pause
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        for start in range(0, len(view), 1 << 16):
-            self.raw.write(view[start : start + (1 << 16)])
+        self.raw.write(data)
+        self._unpaused += len(data)
+        while self._unpaused >= 1 << 16:
             self.raw.flush()
             time.sleep(self.pause)
+            self._unpaused -= 1 << 16
         return len(data)
 
     def flush(self) -> None:
@@ -62,9 +64,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         _fsync_directory(directory)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise TrainingFailed(f"the disk is full while writing {path}; nothing was overwritten. Free some "
-                                 f"space (or write elsewhere with -o) and resume with --resume auto") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            reason = "the file size limit was reached" if exc.errno == errno.EFBIG else "the disk is full"
+            raise TrainingFailed(f"{reason} while writing {path}; nothing was overwritten and earlier files are "
+                                 f"intact. Free some space (or write elsewhere with -o), then resume with "
+                                 f"--resume auto") from None
         if isinstance(exc, PermissionError):
             raise UserError(f"cannot write {path}: permission denied") from None
         raise

@@ -228,7 +228,7 @@ class SweepResult:
     runs: list[SweepRun]
     rows: list[dict[str, Any]]
     csv_path: Path
-    interrupted: bool = False
+    interrupted_by: int | None = None  # the signal that stopped the sweep's current run, if one did
 
 
 def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], grids: list[str],
@@ -245,7 +245,7 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
     csv_path = output_dir / RESULTS_CSV
     info(f"Sweep: {len(runs)} runs ({' x '.join(f'{len(a.values)} {a.short}' for a in axes)}) into "
          f"{output_dir}/")
-    interrupted = False
+    interrupted_by: int | None = None
     for index, run in enumerate(runs, start=1):
         label = f"[{index}/{len(runs)}] {run.name}"
         end = _last_end(run.directory)
@@ -271,24 +271,25 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
                 run.status, run.error = "failed", _first_sentence(str(exc))
                 warn(f"{label} failed: {exc}")
             else:
-                interrupted = result.interrupted
-                run.status = "interrupted" if interrupted else "resumed" if resume_from else "finished"
+                interrupted_by = result.interrupted_by
+                run.status = ("interrupted" if interrupted_by is not None else "resumed" if resume_from
+                              else "finished")
         run.row = summarize(run)
         write_results(_sorted_rows(runs), csv_path)
         info()
-        if interrupted:
+        if interrupted_by is not None:
             break
 
     rows = _sorted_rows(runs)
-    if interrupted:
+    if interrupted_by is not None:
         info(f"Sweep interrupted during run {index}/{len(runs)}; run the same command again to continue (finished "
              f"runs are skipped, the interrupted one resumes)")
     info(f"Sweep results ({len(rows)} of {len(runs)} runs, sorted by best validation loss), saved to {csv_path}:")
     info(format_table(rows))
     finished = [Path(r.row["run_dir"]) for r in runs if r.row and r.row["steps"] > 0]
-    if finished and not interrupted and matplotlib_available():
+    if finished and interrupted_by is None and matplotlib_available():
         try:
             info(f"Plot: {plot_runs(finished, output_dir / SWEEP_PLOT)}")
         except Exception as exc:  # a picture is never worth failing a finished sweep
             warn(f"could not draw {output_dir / SWEEP_PLOT}: {exc}")
-    return SweepResult(runs, rows, csv_path, interrupted)
+    return SweepResult(runs, rows, csv_path, interrupted_by)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -37,6 +38,7 @@ from fundamentallm.data import (
     prepare_tokens,
 )
 from fundamentallm.errors import TrainingFailed, UserError
+from fundamentallm.files import remove_stale_temporaries
 from fundamentallm.metrics import MetricsLog, bits_per_char, perplexity
 from fundamentallm.model import GPT
 from fundamentallm.plot import plot_finished_run
@@ -192,7 +194,7 @@ class TrainResult:
     elapsed_seconds: float
     tokens_per_second: float
     stopped_early: bool = False
-    interrupted: bool = False
+    interrupted_by: int | None = None  # the signal that stopped the run, if one did
     checkpoints: list[str] = field(default_factory=list)
 
 
@@ -261,6 +263,7 @@ def _start_output_dir(output_dir: Path, earlier_run: list[str], resume: bool) ->
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory {output_dir}: {exc.strerror}") from None
+    remove_stale_temporaries(output_dir)  # left by a process killed while saving
     if not resume:  # --overwrite: the earlier run's files go only now that the new run is ready to start
         for name in earlier_run:
             (output_dir / name).unlink(missing_ok=True)
@@ -486,9 +489,13 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                 (output_dir / ckpt.INTERRUPTED).unlink(missing_ok=True)
     except torch.OutOfMemoryError:
         raise TrainingFailed(_oom_message(cfg, dev)) from None
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):  # the CPU allocator's out-of-memory error
+            raise
+        raise TrainingFailed(_oom_message(cfg, dev)) from None
     finally:
         if log is not None:
-            log.end(state.step, time.perf_counter() - run_start, result.interrupted, sys.exc_info()[1])
+            log.end(state.step, time.perf_counter() - run_start, result.interrupted_by is not None, sys.exc_info()[1])
             log.close()
 
     result.steps, result.epochs_completed = state.step, state.epochs_done
@@ -558,11 +565,11 @@ def _check_finite(values: list[float], first_step: int, output_dir: Path) -> Non
 def _interrupted(stop: StopRequest, save: Callable[[Path], None], state: _Progress, output_dir: Path,
                  result: TrainResult) -> TrainResult:
     save(output_dir / ckpt.INTERRUPTED)
-    result.interrupted = True
+    result.interrupted_by = stop.signum
     result.steps, result.epochs_completed = state.step, state.epochs_done
     result.checkpoints.append(ckpt.INTERRUPTED)
-    info(f"Interrupted at step {state.step:,}; saved {output_dir / ckpt.INTERRUPTED}. "
-         f"Continue with the same command plus: --resume auto -o {output_dir}")
+    info(f"Interrupted at step {state.step:,}; saved {output_dir / ckpt.INTERRUPTED}. Resume with: "
+         f"fundamentallm train --resume auto -o {shlex.quote(str(output_dir))}")
     result.elapsed_seconds = state.elapsed_seconds
     return result
 

@@ -1,0 +1,158 @@
+"""Never lose work: exact resume, interruption by signals, crash-safe saves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, run_cli, train_tiny
+
+from fundamentallm.checkpoint import read_checkpoint
+from fundamentallm.metrics import read_metrics
+
+# Dropout on, so that resuming must also restore the RNG that drives it.
+WITH_DROPOUT = ["--set", "model.dropout=0.1"]
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in read_metrics(run) if r["kind"] == "train"}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_tiny(corpus, straight, "--epochs", "2", *WITH_DROPOUT)
+    result = train_tiny(corpus, resumed, "--epochs", "2", *WITH_DROPOUT,
+                        "--resume", straight / "checkpoint_epoch_1.pt")
+    assert "Resuming from" in result.output and "Epoch 1/2" not in result.output
+    a, b = step_losses(straight), step_losses(resumed)
+    assert min(b) == 142 and len(b) == 141  # the second epoch only, starting where the first ended
+    assert [a[s] for s in sorted(b)] == [b[s] for s in sorted(b)]  # bit-identical, step by step
+    assert_same_weights(straight / "final_model.pt", resumed / "final_model.pt")
+
+
+def _start_training(corpus: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fundamentallm", "train", str(corpus), "-o", str(out), "--device", "cpu", *TINY,
+           *WITH_DROPOUT, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.01)
+
+
+def _reached_step(run: Path, step: int) -> bool:
+    try:
+        return max(step_losses(run), default=0) >= step
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_interrupted_checkpoint_and_resume_is_exact(corpus: Path, tmp_path: Path, sig: int) -> None:
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    steps = ["--epochs", "20", "--set", "training.max_steps=400"]
+    proc = _start_training(corpus, run, *steps)
+    _wait_for(lambda: _reached_step(run, 30))
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr
+    assert "Resume with: fundamentallm train --resume auto -o" in stdout
+    stopped_at = read_checkpoint(run / "interrupted.pt")["progress"]["step"]
+    assert 30 <= stopped_at < 400
+
+    resumed = run_cli("train", "--resume", "auto", "-o", run, "--device", "cpu")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert f"at step {stopped_at:,}" in resumed.output
+    assert not (run / "interrupted.pt").exists()  # the finished run no longer needs it
+    train_tiny(corpus, straight, *WITH_DROPOUT, *steps)
+    assert step_losses(run) == step_losses(straight)
+    assert_same_weights(run / "final_model.pt", straight / "final_model.pt")
+
+
+def test_second_ctrl_c_exits_at_once(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # Slow checkpoint writes keep the process busy saving when the second Ctrl-C arrives.
+    proc = _start_training(corpus, run, "--epochs", "20", env={"FUNDAMENTALLM_TEST_SLOW_WRITE": "0.5"})
+    _wait_for(lambda: _reached_step(run, 10))
+    proc.send_signal(signal.SIGINT)
+    _wait_for(lambda: list(run.glob(".tmp-interrupted.pt*")))
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr and "Aborted" in stderr
+    assert not (run / "interrupted.pt").exists() and not list(run.glob(".tmp-*"))
+
+
+def test_sigkill_during_save_leaves_earlier_checkpoints_loadable(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _start_training(corpus, run, "--epochs", "5", "--set", "training.keep_last_n=0",
+                           env={"FUNDAMENTALLM_TEST_SLOW_WRITE": "0.2"})
+    _wait_for(lambda: (run / "checkpoint_epoch_2.pt").exists() and list(run.glob(".tmp-*")))
+    proc.send_signal(signal.SIGKILL)  # mid-write of a later checkpoint
+    proc.communicate(timeout=30)
+    assert list(run.glob(".tmp-*")), "the kill should have interrupted a write"
+    for path in run.glob("*.pt"):
+        payload = read_checkpoint(path)  # every file that has its final name is whole
+        assert payload["progress"]["step"] > 0
+
+    resumed = run_cli("train", "--resume", "auto", "-o", run, "--device", "cpu")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert not list(run.glob(".tmp-*"))  # stale temporaries are cleaned up
+    assert read_checkpoint(run / "final_model.pt")["progress"]["epochs_done"] == 5
+
+
+def test_resume_auto_skips_a_damaged_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_tiny(corpus, run, "--epochs", "2", "--set", "training.keep_last_n=0")
+    (run / "final_model.pt").unlink()
+    damaged = run / "checkpoint_epoch_2.pt"
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    result = run_cli("train", "--resume", "auto", "-o", run, "--device", "cpu", "--epochs", "3")
+    assert result.exit_code == 0, result.stderr
+    assert "skipping checkpoint_epoch_2.pt" in result.stderr
+    assert "at step 141" in result.output  # from checkpoint_epoch_1.pt
+
+
+def test_resume_refuses_a_different_model_or_corpus(corpus: Path, tmp_path: Path, shakespeare: Path) -> None:
+    run = tmp_path / "run"
+    train_tiny(corpus, run, "--epochs", "1")
+    ckpt = run / "final_model.pt"
+    result = run_cli("train", corpus, "-o", tmp_path / "b", "--resume", ckpt, *TINY, "--set", "model.d_model=64")
+    assert result.exit_code == 2 and "model.d_model: 32 in the checkpoint, 64 now" in result.stderr
+    other = tmp_path / "other.txt"
+    other.write_text(shakespeare.read_text()[100_000:140_000])
+    result = run_cli("train", other, "-o", tmp_path / "c", "--resume", ckpt, *TINY)
+    assert result.exit_code == 2 and "different data" in result.stderr
+
+
+def test_resume_extends_a_finished_run_and_refuses_to_redo_it(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_tiny(corpus, run, "--epochs", "1")
+    again = run_cli("train", "--resume", "auto", "-o", run)
+    assert again.exit_code == 2 and "already finished" in again.stderr
+    longer = run_cli("train", "--resume", "auto", "-o", run, "--epochs", "2", "--device", "cpu")
+    assert longer.exit_code == 0, longer.stderr
+    assert read_checkpoint(run / "final_model.pt")["progress"]["step"] == 282
