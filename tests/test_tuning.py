@@ -168,6 +168,33 @@ def test_sweep_refuses_bad_grids_before_running_anything(corpus: Path, tmp_path:
     assert not out.exists()
 
 
+def test_sweep_records_a_failed_run_and_refuses_a_changed_command(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    # At a learning rate of 1e30 the weights overflow on the second step and the loss is NaN: that run fails,
+    # the sweep records it and goes on.
+    args = ["sweep", corpus, "--device", "cpu", *TINY_SETS, "--set", "training.batch_size=8", "--epochs", "1",
+            "--set", "training.max_steps=10", "--grid", "training.learning_rate=1e30,1e-3", "-o", out]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert "learning_rate=1e30 failed: the training loss became nan" in result.stderr
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["learning_rate"], r["status"][:32]) for r in rows] == \
+        [("1e-3", "finished"), ("1e30", "failed: the training loss became")]
+    assert rows[1]["best_val_loss"] == "nan"
+    before = snapshot(out)
+    again = run_cli(*args)  # nothing left to do: the failure would only repeat
+    assert "[1/2] learning_rate=1e30: failed earlier" in again.stdout
+    assert "[2/2] learning_rate=1e-3: finished earlier, skipping" in again.stdout
+    summaries = ("results.csv", "sweep.png")  # rewritten from the same runs; every run's own files stay as they were
+    assert {k: v for k, v in snapshot(out).items() if k not in summaries} == \
+        {k: v for k, v in before.items() if k not in summaries}
+    # The same directory with another configuration is refused, not mixed in.
+    before = snapshot(out)
+    assert_clean_error(run_cli(*args, "--set", "training.max_steps=20"), "another configuration",
+                       "training.max_steps: 10 there, 20 now")
+    assert snapshot(out) == before
+
+
 def test_sweep_resumes_after_an_interruption_without_rerunning_finished_runs(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     args = ["sweep", corpus, "--device", "cpu", *TINY_SETS, "--set", "training.batch_size=8", "--epochs", "3",
