@@ -258,28 +258,29 @@ def _overrides(assignments: tuple[str, ...], **flags: Any) -> list[tuple[str, An
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (the best rate depends on it).")
 @click.option("--sequence-length", type=int, help="Context length in characters.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config key (repeatable).")
-@click.option("--start-lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
-              help="First learning rate of the range.")
-@click.option("--end-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Last learning rate of the range.")
-@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True,
-              help="Optimizer steps over the range (at most; the test stops once the loss diverges).")
-@click.option("--diverge-factor", type=float, default=4.0, show_default=True,
-              help="Stop when the smoothed loss exceeds this multiple of its best.")
+# The range test's defaults live in lr_finder.py (not imported here: it loads torch); None means "not given".
+@click.option("--start-lr", type=click.FloatRange(min=0, min_open=True),
+              help="First learning rate of the range (default 1e-5).")
+@click.option("--end-lr", type=click.FloatRange(min=0, min_open=True),
+              help="Last learning rate of the range (default 1).")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Optimizer steps over the range, at most: the test stops once the loss diverges (default 60).")
+@click.option("--diverge-factor", type=float,
+              help="Stop when the smoothed loss exceeds this multiple of its best (default 4).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("lr_find"), show_default=True,
               help="Where lr_find.csv and lr_find.png go.")
 def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | None, sequence_length: int | None,
-            assignments: tuple[str, ...], start_lr: float, end_lr: float, steps: int, diverge_factor: float,
-            device: str, output_dir: Path) -> None:
+            assignments: tuple[str, ...], start_lr: float | None, end_lr: float | None, steps: int | None,
+            diverge_factor: float | None, device: str, output_dir: Path) -> None:
     """Learning-rate range test on DATA: suggest a learning rate and plot loss against it."""
     from fundamentallm.config import resolve_config
     from fundamentallm.lr_finder import find_lr
 
     config = resolve_config(config_name, _overrides(assignments, batch_size=batch_size,
                                                     sequence_length=sequence_length))
-    find_lr(config, list(data), output_dir, device=device, start_lr=start_lr, end_lr=end_lr, num_steps=steps,
-            diverge_factor=diverge_factor)
+    given = {"start_lr": start_lr, "end_lr": end_lr, "num_steps": steps, "diverge_factor": diverge_factor}
+    find_lr(config, list(data), output_dir, device=device, **{k: v for k, v in given.items() if v is not None})
 
 
 @cli.command()
