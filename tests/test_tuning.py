@@ -11,10 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import ROOT, TINY, assert_clean_error, run_cli, snapshot, train_tiny
 
 from fundamentallm.metrics import read_metrics
@@ -28,10 +30,20 @@ TINY_SETS = ["--set", "model.d_model=32", "--set", "model.num_heads=2", "--set",
              "--set", "training.sequence_length=32", "--set", "training.log_interval=1"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These tests train models of a few thousand parameters, where a second thread buys nothing; on a shared
+    2-core machine it costs a lot (OpenMP threads spinning against other processes made one test 60x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def subprocess_env() -> dict[str, str]:
-    """The environment for `python -m fundamentallm` in a child process, importing this checkout's package."""
+    """The environment for `python -m fundamentallm` in a child process: this checkout's package, one thread."""
     paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TERM": "xterm"}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TERM": "xterm", "OMP_NUM_THREADS": "1"}
 
 
 def assert_png(path: Path) -> None:
@@ -197,8 +209,9 @@ def test_sweep_records_a_failed_run_and_refuses_a_changed_command(corpus: Path, 
 
 def test_sweep_resumes_after_an_interruption_without_rerunning_finished_runs(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
-    args = ["sweep", corpus, "--device", "cpu", *TINY_SETS, "--set", "training.batch_size=8", "--epochs", "3",
-            "--grid", "training.learning_rate=1e-3,3e-3,1e-2", "-o", out]
+    # 120 steps per run, less than an epoch (141 steps): the interrupted run resumes from interrupted.pt.
+    args = ["sweep", corpus, "--device", "cpu", *TINY_SETS, "--set", "training.batch_size=8", "--epochs", "1",
+            "--set", "training.max_steps=120", "--grid", "training.learning_rate=1e-3,3e-3,1e-2", "-o", out]
     first, second, third = (out / f"learning_rate={lr}" for lr in ("1e-3", "3e-3", "1e-2"))
     proc = subprocess.Popen([sys.executable, "-m", "fundamentallm", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=subprocess_env())
@@ -230,7 +243,7 @@ def test_sweep_resumes_after_an_interruption_without_rerunning_finished_runs(cor
     assert "[2/3] learning_rate=3e-3: resuming from interrupted.pt" in result.stdout
     assert {p.name: (sha(p), p.stat().st_mtime_ns) for p in first.iterdir()} == finished_files
     steps = [r["step"] for r in read_metrics(second) if r["kind"] == "train"]
-    assert steps == list(range(1, 3 * 141 + 1)) and interrupted_at < 3 * 141  # continued, no step twice
+    assert steps == list(range(1, 121)) and interrupted_at < 120  # continued, no step twice or missing
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(r["status"] for r in rows) == ["finished", "finished earlier", "resumed"]
     assert all((d / "final_model.pt").is_file() for d in (first, second, third))
