@@ -35,11 +35,14 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
-def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(corpus: Path, tmp_path: Path, optimizer: str) -> None:
+    if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs PyTorch >= 2.9")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_tiny(corpus, straight, "--epochs", "2", *WITH_DROPOUT)
-    result = train_tiny(corpus, resumed, "--epochs", "2", *WITH_DROPOUT,
-                        "--resume", straight / "checkpoint_epoch_1.pt")
+    options = ["--epochs", "2", *WITH_DROPOUT, "--set", f"training.optimizer={optimizer}"]
+    train_tiny(corpus, straight, *options)
+    result = train_tiny(corpus, resumed, *options, "--resume", straight / "checkpoint_epoch_1.pt")
     assert "Resuming from" in result.output and "Epoch 1/2" not in result.output
     a, b = step_losses(straight), step_losses(resumed)
     assert min(b) == 142 and len(b) == 141  # the second epoch only, starting where the first ended

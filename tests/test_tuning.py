@@ -262,13 +262,15 @@ def test_metrics_jsonl_is_valid_json_with_every_field_and_tensorboard(corpus: Pa
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]  # every line on its own is one JSON object
     assert records[0]["kind"] == "run" and records[0]["total_steps"] == 2 * 141
-    assert records[-1] == {"kind": "end", "step": 282, "elapsed": records[-1]["elapsed"], "status": "finished"}
+    assert records[-1] == {"kind": "end", "step": 282, "elapsed": records[-1]["elapsed"], "status": "finished",
+                           "time": records[-1]["time"]}
     trains = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in trains] == [20, 40, 60, 80, 100, 120, 140, 141, 160, 180, 200, 220, 240, 260, 280,
                                           282]
     for r in trains:
-        assert set(r) == {"kind", "step", "epoch", "train_loss", "lr", "grad_norm", "tokens_per_sec", "elapsed"}
+        assert set(r) == {"kind", "step", "epoch", "train_loss", "lr", "grad_norm", "tokens_per_sec", "elapsed",
+                          "time"}
         assert r["lr"] > 0 and r["grad_norm"] > 0 and r["tokens_per_sec"] > 0 and math.isfinite(r["train_loss"])
     assert [r["step"] for r in evals] == [141, 282] and [r["epoch"] for r in evals] == [1, 2]
     for r in evals:
@@ -277,6 +279,8 @@ def test_metrics_jsonl_is_valid_json_with_every_field_and_tensorboard(corpus: Pa
         assert r["bits_per_char"] == pytest.approx(r["val_loss"] / math.log(2))
     elapsed = [r["elapsed"] for r in records[1:]]
     assert elapsed == sorted(elapsed)
+    times = [r["time"] for r in records]
+    assert times == sorted(times) and abs(times[-1] - time.time()) < 600  # wall-clock Unix time
 
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events

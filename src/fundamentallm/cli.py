@@ -333,5 +333,31 @@ def status(run_dir: Path, as_json: bool) -> None:
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_status(result))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# bench
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--rows", help="Comma-separated PRESET:BATCH training rows (default: the reference table's).")
+@click.option("--steps", type=click.IntRange(min=2), help="Timed optimizer steps per row (after warm-up).")
+@click.option("--generation/--no-generation", default=True, show_default=True,
+              help="Also time KV-cached generation of 1,000 characters per preset.")
+@click.option("--recipe", metavar="NAME|PATH", help="Also measure time to --target validation loss with this config.")
+@click.option("--target", type=float, default=1.47, show_default=True, help="Validation loss for --recipe.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True)
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Passed to every training run.")
+def bench(data: Path, device: str, rows: str | None, steps: int | None, generation: bool, recipe: str | None,
+          target: float, output: Path, assignments: tuple[str, ...]) -> None:
+    """Measure training throughput, generation speed and (optionally) time to quality on DATA."""
+    from fundamentallm.bench import run_bench
+    from fundamentallm.data import find_text_files
+
+    find_text_files([data])  # a clear error now rather than from the first child process
+    extra = [arg for a in assignments for arg in ("--set", a)]
+    run_bench(data, device, rows.split(",") if rows else None, steps, generation, recipe, target, output, extra)
+
+
 def main() -> None:
     cli(prog_name="fundamentallm")

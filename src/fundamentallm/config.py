@@ -39,7 +39,11 @@ class ModelConfig(_Section):
     num_heads: int = Field(8, gt=0, description="attention heads per layer")
     num_layers: int = Field(6, gt=0, description="transformer blocks")
     d_ff: int = Field(2048, gt=0, description="hidden width of the MLP")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout probability")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on embeddings and on each block's output")
+    attention_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="dropout on attention weights; above 0 it rules out the fused (flash) attention kernels on CPU "
+                    "and costs about half the training speed there")
     bias: bool = Field(True, description="biases in linear layers and norms")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     position_embedding: Literal["learned", "rope"] = "learned"
@@ -78,6 +82,8 @@ class TrainingConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
     step_size: int = Field(1, ge=1, description="step scheduler: epochs between drops")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step scheduler: factor per drop")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' weight matrices, AdamW for the rest (PyTorch >= 2.9)")
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
@@ -86,7 +92,9 @@ class TrainingConfig(_Section):
     eval_interval: int = Field(0, ge=0, description="optimizer steps between evaluations; 0: each epoch")
     eval_batches: int = Field(0, ge=0, description="batches per evaluation; 0: the whole validation split")
     early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement; 0: off")
-    use_mixed_precision: bool = Field(True, description="bf16/fp16 autocast on GPUs (never on CPU)")
+    use_mixed_precision: bool | Literal["auto"] = Field(
+        "auto", description="auto: bf16 (or fp16) autocast on GPUs, fp32 on CPU; true: also bf16 on CPUs that "
+                            "support it natively; false: fp32 everywhere")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile; auto: on for CUDA")
     save_every_n_epochs: int = Field(1, ge=1)
     keep_last_n: int = Field(3, ge=0, description="periodic checkpoints to keep; 0 keeps all")

@@ -298,11 +298,11 @@ def as_tensor(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
 def gather_windows(tokens: torch.Tensor | np.ndarray, starts: torch.Tensor, length: int,
                    device: torch.device) -> torch.Tensor:
     """Windows tokens[s : s + length] for every start s, as a (len(starts), length) int64 tensor on `device`."""
-    index = starts[:, None] + torch.arange(length)
-    if isinstance(tokens, torch.Tensor):
-        window = tokens[index.to(tokens.device, non_blocking=True)]
+    if isinstance(tokens, torch.Tensor):  # device-resident tokens: only the starts cross to the device
+        starts = starts.to(tokens.device, non_blocking=True)
+        window = tokens[starts[:, None] + torch.arange(length, device=tokens.device)]
     else:
-        window = torch.from_numpy(tokens[index.numpy()].astype(np.int64))
+        window = torch.from_numpy(tokens[(starts[:, None] + torch.arange(length)).numpy()].astype(np.int64))
     return window.to(device, dtype=torch.long, non_blocking=True)
 
 

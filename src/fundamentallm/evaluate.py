@@ -6,14 +6,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fundamentallm.checkpoint import load_model
 from fundamentallm.config import Config
 from fundamentallm.data import as_tensor, encode_files, prepare_tokens
 from fundamentallm.errors import UserError
 from fundamentallm.metrics import bits_per_char, perplexity
-from fundamentallm.train import estimate_loss, select_device
+from fundamentallm.train import autocast_dtype, estimate_loss, select_device
 
 
 @dataclass
@@ -40,7 +39,7 @@ def evaluate(checkpoint: Path, data_paths: list[str] | None = None, device: str 
         described = ", ".join(data_paths)
     else:
         tokens, described = _validation_split(checkpoint, loaded.payload, loaded.config)
-    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp = autocast_dtype(dev, loaded.config.training.use_mixed_precision)
     loss = estimate_loss(loaded.model, as_tensor(tokens, dev), batch_size, dev, amp)
     return Evaluation(checkpoint=str(checkpoint), data=described, tokens=len(tokens), loss=loss,
                       perplexity=perplexity(loss), bits_per_char=bits_per_char(loss),

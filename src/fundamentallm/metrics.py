@@ -4,7 +4,8 @@ metrics.jsonl holds one JSON object per line, written and flushed as training go
 crashed run keeps everything up to its last line. Records have "kind": "train" (every log_interval optimizer
 steps) or "eval" (after each evaluation), and "kind": "run" for the first line, which describes the run. When
 the loop ends, for whatever reason, a "kind": "end" record says how (status finished, interrupted or failed), so
-`fundamentallm status` can tell a finished run from one that is still going or was killed.
+`fundamentallm status` can tell a finished run from one that is still going or was killed. Every record carries
+"time" (Unix time), so tools can measure from a process's launch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,12 @@ class MetricsLog:
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
+        record = {**record, "time": time.time()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None and record.get("kind") in ("train", "eval"):
             for key, value in record.items():
-                if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
+                if key not in ("step", "epoch", "kind", "time") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
             self._tb.flush()
 

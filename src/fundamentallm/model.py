@@ -2,7 +2,9 @@
 
 Pre-norm blocks (x + attn(norm(x)), x + mlp(norm(x))), causal self-attention through
 torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels where available), token plus
-learned position embeddings, a GELU MLP, dropout, and an output projection tied to the token embedding. The
+learned position embeddings, a GELU MLP, dropout (on embeddings and block outputs; attention-weight dropout is
+a separate option because it rules out fused attention kernels), and an output projection tied to the token
+embedding. The
 defaults are the training guide's architecture; RoPE, RMSNorm, SwiGLU and QK-norm are options in ModelConfig.
 
 The model does math only: no devices, precision, compilation or files in here (train.py applies those).
@@ -59,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else None
-        self.dropout = cfg.dropout
+        self.attention_dropout = cfg.attention_dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -76,7 +78,7 @@ class CausalSelfAttention(nn.Module):
             cache.k[layer, :, :, past : past + T] = k
             cache.v[layer, :, :, past : past + T] = v
             k, v = cache.k[layer, :, :, : past + T], cache.v[layer, :, :, : past + T]
-        dropout = self.dropout if self.training else 0.0
+        dropout = self.attention_dropout if self.training else 0.0
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif T == 1:  # one new token attends to every cached position

@@ -77,11 +77,25 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it, fp16 (with a gradient scaler) on older GPUs, full fp32 on CPU."""
-    if not enabled or device.type != "cuda":
+def autocast_dtype(device: torch.device, setting: bool | str) -> torch.dtype | None:
+    """The autocast dtype for training, or None for full fp32.
+
+    GPUs: bf16 where supported, else fp16 (with a gradient scaler), unless the setting is false. CPUs: fp32 unless
+    the setting is explicitly true and the CPU has native bf16 instructions (AVX512-BF16 or AMX)."""
+    if setting is False:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and setting is True:
+        if _cpu_has_native_bf16():
+            return torch.bfloat16
+        warn("use_mixed_precision: this CPU has no native bf16 instructions; training in fp32")
+    return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private API: absent in some versions
+    return bool(probe()) if probe is not None else False
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainingConfig) -> float:
@@ -101,13 +115,53 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainingConfig
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: GPT, cfg: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
-    # Weight decay on matrices and embeddings only; biases and norm gains are not decayed.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+def make_optimizer(model: GPT, cfg: TrainingConfig, device: torch.device) -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW, or Muon for the blocks' weight matrices plus AdamW for everything else (training.optimizer)."""
+    fused = device.type in ("cuda", "cpu")  # fused AdamW kernels exist for both since PyTorch 2.4
+
+    def adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        # Weight decay on matrices and embeddings only; biases and norm gains are not decayed.
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+    if cfg.optimizer == "adamw":
+        return adamw(list(model.parameters()))
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"training.optimizer=muon needs PyTorch 2.9 or newer (this is {torch.__version__}); "
+                        f"upgrade PyTorch or use training.optimizer=adamw")
+    matrices = [p for block in model.blocks for p in block.parameters() if p.dim() == 2]
+    ids = {id(p) for p in matrices}
+    # match_rms_adamw scales Muon's orthogonalised update to AdamW's size, so one learning rate serves both.
+    muon = torch.optim.Muon(matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw([p for p in model.parameters() if id(p) not in ids]))
+
+
+class MuonAdamW:
+    """Two optimizers stepped as one: what the loop, the gradient scaler and checkpoints see."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -358,7 +412,8 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     log = MetricsLog(output_dir, resume_step=state.step if resume_from else None,
                      tensorboard=tensorboard) if dist.is_main else None
     if log is not None and resume_from is None:
-        log.write({"kind": "run", "parameters": model.num_parameters(), "vocab_size": data.tokenizer.vocab_size,
+        log.write({"kind": "run", "parameters": model.num_parameters(), "flops_per_token": model.flops_per_token(),
+                   "vocab_size": data.tokenizer.vocab_size,
                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                    "tokens_per_step": tokens_per_step, "device": str(dev), "world_size": dist.world_size,
                    "config": config.to_dict()})
@@ -446,7 +501,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                             log.write({"kind": "train", "step": state.step, "epoch": epoch,
                                        "train_loss": sum(values) / len(values), "lr": lr,
                                        "grad_norm": sum(norms) / len(norms), "tokens_per_sec": tps,
-                                       "elapsed": now - run_start})
+                                       "elapsed": now - run_start, **_memory_stats(dev)})
                         result.tokens_per_second = tps
                         window_losses, window_norms, window_tokens = [], [], 0
                         window_start = now
@@ -527,8 +582,8 @@ def _compile(model: GPT, cfg: TrainingConfig, dev: torch.device) -> torch.nn.Mod
         return model
 
 
-def _restore(payload: dict[str, Any], model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             sampler: BatchSampler, dev: torch.device) -> _Progress:
+def _restore(payload: dict[str, Any], model: GPT, optimizer: torch.optim.Optimizer | MuonAdamW,
+             scaler: torch.amp.GradScaler, sampler: BatchSampler, dev: torch.device) -> _Progress:
     training_state = payload["training_state"]
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(training_state["optimizer"])
@@ -581,6 +636,12 @@ def _oom_message(cfg: TrainingConfig, dev: torch.device) -> str:
             f"{half} --set training.gradient_accumulation_steps={cfg.gradient_accumulation_steps * 2}; 2) a smaller "
             f"preset, e.g. --config small; 3) a shorter context, e.g. --sequence-length "
             f"{max(1, cfg.sequence_length // 2)}")
+
+
+def _memory_stats(dev: torch.device) -> dict[str, float]:
+    if dev.type != "cuda":
+        return {}
+    return {"peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20}
 
 
 def _duration(seconds: float) -> str:
