@@ -79,7 +79,8 @@ def _float_flag(value: str | None, flag: str) -> float | None:
 @click.argument("data", nargs=-1)
 @click.option("-c", "--config", "config_name", metavar="NAME|PATH",
               help="Preset (small, medium, large, ...) or a YAML file. Default: medium.")
-@click.option("--learning-rate", "--lr", metavar="LR", help="Peak learning rate (training.learning_rate).")
+@click.option("--learning-rate", "--lr", metavar="LR|auto",
+              help="Peak learning rate (training.learning_rate); auto: run the range test (lr-find) first.")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (training.batch_size).")
 @click.option("--epochs", type=int, help="Passes over the training split (training.epochs).")
 @click.option("--sequence-length", type=int, help="Context length in characters (training.sequence_length).")
@@ -123,8 +124,12 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
             raise click.UsageError("missing DATA: give a text file, several files, or a directory of .txt files")
         data = tuple(resume_from[1]["data"]["files"])
 
+    auto_lr = learning_rate is not None and learning_rate.strip().lower() == "auto"
+    if auto_lr and resume_from is not None:
+        raise UserError("--learning-rate auto tunes a new run; a resumed run keeps its rate (or give a number)")
     overrides: list[tuple[str, Any, str]] = [
-        ("training.learning_rate", _float_flag(learning_rate, "--learning-rate"), "--learning-rate"),
+        ("training.learning_rate", None if auto_lr else _float_flag(learning_rate, "--learning-rate"),
+         "--learning-rate"),
         ("training.batch_size", batch_size, "--batch-size"),
         ("training.epochs", epochs, "--epochs"),
         ("training.sequence_length", sequence_length, "--sequence-length"),
@@ -133,6 +138,10 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     overrides += [(*parse_override(a), "--set") for a in assignments]
     base = (resume_from[1]["config"], f"checkpoint {resume_from[0]}") if resume_from else None
     config = resolve_config(config_name, overrides, base=base)
+    if auto_lr:
+        from fundamentallm.lr_finder import auto_learning_rate
+
+        config = auto_learning_rate(config, list(data), output_dir, device=device, overwrite=overwrite)
     result = run_training(config, list(data), output_dir, device=device, resume_from=resume_from,
                           overwrite=overwrite, tensorboard=tensorboard,
                           config_origin=config_name or (base[1] if base else "medium"))
@@ -227,6 +236,102 @@ def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size:
                f"{result.context_length}")
     click.echo(f"  loss={result.loss:.4f} nats/char, perplexity={result.perplexity:.3f}, "
                f"bpc={result.bits_per_char:.4f}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tuning and watching a run: lr-find, sweep, plot, status
+
+
+def _overrides(assignments: tuple[str, ...], **flags: Any) -> list[tuple[str, Any, str]]:
+    """(key, value, source) overrides from named flags (None: not given) and --set KEY=VALUE options."""
+    from fundamentallm.config import parse_override
+
+    names = {"batch_size": "--batch-size", "sequence_length": "--sequence-length", "epochs": "--epochs",
+             "seed": "--seed"}
+    found: list[tuple[str, Any, str]] = [(f"training.{k}", v, names[k]) for k, v in flags.items()]
+    return found + [(*parse_override(a), "--set") for a in assignments]
+
+
+@cli.command("lr-find")
+@click.argument("data", nargs=-1, required=True)
+@click.option("-c", "--config", "config_name", metavar="NAME|PATH",
+              help="Preset (small, medium, large, ...) or a YAML file. Default: medium.")
+@click.option("--batch-size", type=int, help="Sequences per micro-batch (the best rate depends on it).")
+@click.option("--sequence-length", type=int, help="Context length in characters.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config key (repeatable).")
+# The range test's defaults live in lr_finder.py (not imported here: it loads torch); None means "not given".
+@click.option("--start-lr", type=click.FloatRange(min=0, min_open=True),
+              help="First learning rate of the range (default 1e-5).")
+@click.option("--end-lr", type=click.FloatRange(min=0, min_open=True),
+              help="Last learning rate of the range (default 1).")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Optimizer steps over the range, at most: the test stops once the loss diverges (default 60).")
+@click.option("--diverge-factor", type=float,
+              help="Stop when the smoothed loss exceeds this multiple of its best (default 4).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("lr_find"), show_default=True,
+              help="Where lr_find.csv and lr_find.png go.")
+def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | None, sequence_length: int | None,
+            assignments: tuple[str, ...], start_lr: float | None, end_lr: float | None, steps: int | None,
+            diverge_factor: float | None, device: str, output_dir: Path) -> None:
+    """Learning-rate range test on DATA: suggest a learning rate and plot loss against it."""
+    from fundamentallm.config import resolve_config
+    from fundamentallm.lr_finder import find_lr
+
+    config = resolve_config(config_name, _overrides(assignments, batch_size=batch_size,
+                                                    sequence_length=sequence_length))
+    given = {"start_lr": start_lr, "end_lr": end_lr, "num_steps": steps, "diverge_factor": diverge_factor}
+    find_lr(config, list(data), output_dir, device=device, **{k: v for k, v in given.items() if v is not None})
+
+
+@cli.command()
+@click.argument("data", nargs=-1, required=True)
+@click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2,...",
+              help="A config key and the values to try, e.g. --grid training.learning_rate=1e-4,3e-4 "
+                   "(repeatable: every combination runs).")
+@click.option("-c", "--config", "config_name", metavar="NAME|PATH",
+              help="Preset (small, medium, large, ...) or a YAML file. Default: medium.")
+@click.option("--epochs", type=int, help="Epochs per run (training.epochs).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Set any config key for every run (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("sweep"), show_default=True,
+              help="One directory per run goes in here, and results.csv.")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files for every run.")
+def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None, epochs: int | None,
+          assignments: tuple[str, ...], device: str, output_dir: Path, tensorboard: bool) -> None:
+    """Grid search: train every combination of --grid values on DATA and rank them by validation loss.
+
+    Run the same command again after an interruption: finished runs are skipped, an interrupted one resumes.
+    """
+    from fundamentallm.sweep import run_sweep
+
+    result = run_sweep(config_name, _overrides(assignments, epochs=epochs), list(grids), list(data), output_dir,
+                       device=device, tensorboard=tensorboard)
+    if result.interrupted_by is not None:
+        sys.exit(128 + result.interrupted_by)  # as train: the shell convention for "ended by signal N"
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="PNG to write. Default: RUN_DIR/training.png for one run, comparison.png for several.")
+def plot(run_dirs: tuple[Path, ...], output: Path | None) -> None:
+    """Plot training and validation loss and the learning rate of one run, or overlay several."""
+    from fundamentallm.plot import plot_runs
+
+    click.echo(f"Wrote {plot_runs(list(run_dirs), output)}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(run_dir: Path, as_json: bool) -> None:
+    """Where a run stands: epoch, step, last losses, speed, ETA, and whether it is still running."""
+    from fundamentallm.status import format_status, run_status
+
+    result = run_status(run_dir)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_status(result))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 metrics.jsonl holds one JSON object per line, written and flushed as training goes, so `tail -f` works and a
 crashed run keeps everything up to its last line. Records have "kind": "train" (every log_interval optimizer
-steps) or "eval" (after each evaluation), and "kind": "run" for the first line, which describes the run. Every
-record carries "time" (Unix time), so tools can measure from a process's launch.
+steps) or "eval" (after each evaluation), and "kind": "run" for the first line, which describes the run. When
+the loop ends, for whatever reason, a "kind": "end" record says how (status finished, interrupted or failed), so
+`fundamentallm status` can tell a finished run from one that is still going or was killed. Every record carries
+"time" (Unix time), so tools can measure from a process's launch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -50,11 +53,24 @@ class MetricsLog:
         record = {**record, "time": time.time()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None and "step" in record:
+        if self._tb is not None and record.get("kind") in ("train", "eval"):
             for key, value in record.items():
-                if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
+                if key not in ("step", "epoch", "kind", "time") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
             self._tb.flush()
+
+    def end(self, step: int, elapsed: float, interrupted: bool = False, error: BaseException | None = None) -> None:
+        """The last record of a run (or of one session of a resumed run)."""
+        record: dict[str, Any] = {"kind": "end", "step": step, "elapsed": elapsed, "status": "finished"}
+        if interrupted:
+            record["status"] = "interrupted"
+        elif isinstance(error, KeyboardInterrupt):
+            record["status"] = "interrupted"  # a second Ctrl-C: stopped at once, without a checkpoint
+        elif error is not None:
+            record["status"], record["error"] = "failed", str(error) or type(error).__name__
+        # e.g. the full disk that ended the run: never hide the original error behind this one
+        with contextlib.suppress(OSError):
+            self.write(record)
 
     def close(self) -> None:
         self._file.close()
@@ -76,8 +92,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """On resume, drop records from beyond the checkpoint, which the resumed run is about to redo."""
+    """On resume, drop records from beyond the checkpoint, which the resumed run is about to redo, and the end
+    records of earlier sessions (the run is going again)."""
     if not path.exists():
         return
-    kept = [r for r in read_metrics(path.parent) if r.get("kind") == "run" or r.get("step", 0) <= step]
+    kept = [r for r in read_metrics(path.parent)
+            if r.get("kind") == "run" or (r.get("kind") != "end" and r.get("step", 0) <= step)]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

@@ -41,8 +41,9 @@ from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import remove_stale_temporaries
 from fundamentallm.metrics import MetricsLog, bits_per_char, perplexity
 from fundamentallm.model import GPT
+from fundamentallm.plot import plot_finished_run
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", ckpt.BEST, ckpt.FINAL, ckpt.INTERRUPTED)
+RUN_FILES = ("config.yaml", "metrics.jsonl", ckpt.BEST, ckpt.FINAL, ckpt.INTERRUPTED, "training.png")
 DEVICE_RESIDENT_MAX_BYTES = 2 << 30  # corpora up to this size live on the GPU; larger ones stay memory-mapped
 
 
@@ -571,6 +572,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
         raise TrainingFailed(_oom_message(cfg, dev)) from None
     finally:
         if log is not None:
+            log.end(state.step, time.perf_counter() - run_start, result.interrupted_by is not None, sys.exc_info()[1])
             log.close()
 
     result.steps, result.epochs_completed = state.step, state.epochs_done
@@ -579,6 +581,8 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     info(f"Done: {state.step:,} steps in {_duration(state.elapsed_seconds)}; best val_loss "
          f"{state.best_val_loss:.4f} ({bits_per_char(state.best_val_loss):.3f} bits/char). "
          f"Checkpoints in {output_dir}/")
+    if dist.is_main:
+        plot_finished_run(output_dir)  # training.png; skipped without matplotlib, never fails the run
     return result
 
 

@@ -1,0 +1,271 @@
+"""The learning-rate range test ("LR finder").
+
+A fresh model trains for up to `num_steps` optimizer steps while the learning rate grows exponentially from
+`start_lr` to `end_lr`, one new rate per step. The loss first barely moves (rate too small), then falls quickly,
+then flattens and finally rises or blows up (rate too large). The test stops as soon as the loss diverges, since
+the rest of the range would only cost time:
+
+- the loss is not finite, or the smoothed loss exceeds `diverge_factor` times its best (a blow-up), or
+- the smoothed loss has clearly passed its minimum: after falling at least 10% below where it started, it has
+  made no new low for two thirds of a decade of learning rate. With AdamW and gradient clipping a character
+  model's loss rarely blows up to 4x its best (it levels off near the loss of an untrained model instead), so
+  without this rule the test would run to `end_lr` every time.
+
+The suggestion comes from the smoothed loss, by one of two rules, and the output says which:
+
+- steepest descent: the rate where the smoothed loss falls fastest per decade of learning rate, searched only
+  below the rate of the minimum. Used when the loss clearly fell before its minimum and the steepest point is not
+  at the very start of the range (where it is usually noise).
+- minimum / 10: the rate of the smoothed loss's minimum divided by ten (the minimum itself is already at the
+  edge of stability). The fallback when the steepest-descent point is not trustworthy.
+
+The model, optimizer, precision and batches are exactly those `train` would use (same config), but there is no
+warm-up, no schedule and no checkpoint; nothing of the test is kept except its CSV and plot.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fundamentallm import distributed
+from fundamentallm.config import Config
+from fundamentallm.console import Progress, info, warn
+from fundamentallm.data import BatchSampler, as_tensor, prepare_tokens
+from fundamentallm.errors import TrainingFailed, UserError
+from fundamentallm.files import atomic_write_bytes
+from fundamentallm.model import GPT
+
+# Defaults of the range test: 60 steps over five decades (12 rates per decade) resolve the curve well enough, and
+# with the stop rules the small preset finishes in about a minute on a 2-core CPU. Useful AdamW rates for these
+# models lie between 1e-5 and 1e-1.
+START_LR = 1e-5
+END_LR = 1.0
+NUM_STEPS = 60
+DIVERGE_FACTOR = 4.0
+SMOOTHING = 0.8  # EMA of the loss: about the last five steps weigh in, so the curve lags by under half a decade
+MIN_STEPS = 10  # fewer recorded steps than this cannot support a suggestion
+LEARNED_FRACTION = 0.1  # the minimum rule only applies once the loss fell this far below its start ...
+PATIENCE_DECADES = 2 / 3  # ... and made no new low over this span of learning rates
+
+CSV_NAME = "lr_find.csv"
+PLOT_NAME = "lr_find.png"
+
+RULE_STEEPEST = "steepest descent of the smoothed loss"
+RULE_MINIMUM = "minimum of the smoothed loss / 10"
+
+
+@dataclass
+class RangeTest:
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    stop_reason: str  # why the test ended before end_lr; empty when it ran the whole range
+    elapsed_seconds: float
+    parameters: int
+
+
+@dataclass
+class Suggestion:
+    lr: float
+    rule: str  # RULE_STEEPEST or RULE_MINIMUM
+    reason: str  # one sentence on why that rule was chosen
+    minimum_lr: float
+    steepest_lr: float | None
+
+
+@dataclass
+class LRFindResult:
+    test: RangeTest
+    suggestion: Suggestion
+    csv_path: Path
+    plot_path: Path | None
+
+
+def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average: the first values are not dragged towards zero."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses, start=1):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> Suggestion:
+    """Pick a learning rate from a range test's smoothed loss curve (see the module docstring for the rules)."""
+    if len(lrs) < MIN_STEPS:
+        raise UserError(f"the range test recorded only {len(lrs)} steps before the loss diverged (at learning "
+                        f"rate {lrs[-1] if lrs else float('nan'):.2e}); start lower, e.g. --start-lr "
+                        f"{(lrs[0] if lrs else START_LR) / 100:.0e}")
+    values = np.asarray(smoothed, dtype=np.float64)
+    log_lr = np.log10(np.asarray(lrs, dtype=np.float64))
+    low = int(np.argmin(values))
+    minimum_lr = lrs[low]
+    fallback = Suggestion(minimum_lr / 10, RULE_MINIMUM, "", minimum_lr, None)
+    # The first steps carry the EMA's start-up and the model's first, fastest moves at a tiny rate: skip them.
+    skip = max(2, len(lrs) // 20)
+    if low - skip < 3:
+        fallback.reason = "the loss reached its minimum too early in the range for a reliable slope"
+        return fallback
+    slope = np.gradient(values[: low + 1], log_lr[: low + 1])  # loss change per decade of learning rate
+    steep = skip + int(np.argmin(slope[skip:low]))
+    drop = values[skip] - values[low]
+    fallback.steepest_lr = lrs[steep]
+    if drop < 0.05 * abs(values[skip]):
+        fallback.reason = (f"the loss fell by only {drop:.3f} before its minimum, too little for its steepest "
+                           f"point to mean much")
+        return fallback
+    if steep <= skip + 1:
+        fallback.reason = "the steepest descent sits at the start of the range, which is usually noise"
+        return fallback
+    return Suggestion(lrs[steep], RULE_STEEPEST,
+                      f"the loss fell by {drop:.3f} before its minimum, fastest at {lrs[steep]:.2e} "
+                      f"({slope[steep]:.3f} per decade of learning rate)", minimum_lr, lrs[steep])
+
+
+def range_test(config: Config, data_paths: list[str], *, device: str = "auto", start_lr: float = START_LR,
+               end_lr: float = END_LR, num_steps: int = NUM_STEPS,
+               diverge_factor: float = DIVERGE_FACTOR) -> RangeTest:
+    """Train a fresh model with an exponentially increasing learning rate; stop when the loss diverges."""
+    # Late imports: train.py holds the helpers that make this test use exactly what a training run uses.
+    from fundamentallm.train import _check_data_size, autocast_dtype, make_optimizer, seed_everything, select_device
+
+    if not 0 < start_lr < end_lr:
+        raise UserError(f"--start-lr {start_lr:g} must be positive and below --end-lr {end_lr:g}")
+    if num_steps < MIN_STEPS:
+        raise UserError(f"--steps {num_steps}: the range test needs at least {MIN_STEPS} steps")
+    if diverge_factor <= 1:
+        raise UserError(f"--diverge-factor {diverge_factor:g} must be above 1")
+    if distributed.launched_by_torchrun():
+        raise UserError("the learning-rate range test runs in one process; run 'fundamentallm lr-find' once "
+                        "without torchrun and pass the suggested rate with --learning-rate")
+    cfg = config.training
+    dev = select_device(device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
+    _check_data_size(data, cfg)
+    tokens = as_tensor(data.train, dev) if dev.type != "cpu" else data.train
+    model = GPT.from_config(config, data.tokenizer.vocab_size).to(dev)
+    optimizer = make_optimizer(model, cfg, dev)
+    amp = autocast_dtype(dev, cfg.use_mixed_precision)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+    sampler = BatchSampler(tokens, cfg.batch_size, cfg.sequence_length, dev, seed=cfg.seed)
+    accum = cfg.gradient_accumulation_steps
+    info(f"LR range test: up to {num_steps} steps, learning rate {start_lr:.0e} -> {end_lr:.0e} (x"
+         f"{(end_lr / start_lr) ** (1 / max(1, num_steps - 1)):.3f} per step), fresh model of "
+         f"{model.num_parameters():,} parameters on {dev}, batch {cfg.batch_size} x {accum} x "
+         f"{cfg.sequence_length} tokens")
+
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    avg, best, best_step, stop_reason = 0.0, math.inf, 0, ""
+    patience = max(3, math.ceil(PATIENCE_DECADES * (num_steps - 1) / math.log10(end_lr / start_lr)))
+    start = time.perf_counter()
+    model.train()
+    try:
+        with Progress(num_steps, "LR range test", unit="step") as bar:
+            for step in range(num_steps):
+                lr = start_lr * (end_lr / start_lr) ** (step / (num_steps - 1))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for _ in range(accum):
+                    x, y = sampler.next()
+                    with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        _, loss = model(x, y)
+                    scaler.scale(loss / accum).backward()
+                    loss_sum += loss.item()  # one sync per micro-batch: the test must see every loss at once
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clip_norm or math.inf)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                bar.update()
+                value = loss_sum / accum
+                if not math.isfinite(value):
+                    stop_reason = f"the loss became {value} at learning rate {lr:.2e}"
+                    break
+                avg = SMOOTHING * avg + (1 - SMOOTHING) * value
+                current = avg / (1 - SMOOTHING ** (step + 1))
+                lrs.append(lr)
+                losses.append(value)
+                smoothed.append(current)
+                bar.set_postfix(lr=f"{lr:.2e}", loss=f"{current:.3f}")
+                if current < best:
+                    best, best_step = current, step
+                if step >= MIN_STEPS // 2 and current > diverge_factor * best:
+                    stop_reason = (f"the smoothed loss {current:.3f} exceeds {diverge_factor:g} x its best "
+                                   f"{best:.3f} at learning rate {lr:.2e}")
+                    break
+                if best < (1 - LEARNED_FRACTION) * smoothed[0] and step - best_step >= patience:
+                    stop_reason = (f"the smoothed loss made no new low for {patience} steps since its minimum "
+                                   f"{best:.3f} at learning rate {lrs[best_step]:.2e}")
+                    break
+    except torch.OutOfMemoryError:
+        raise TrainingFailed(f"out of memory on {dev} with batch_size {cfg.batch_size} and sequence_length "
+                             f"{cfg.sequence_length}; use a smaller --batch-size or preset") from None
+    return RangeTest(lrs, losses, smoothed, stop_reason, time.perf_counter() - start, model.num_parameters())
+
+
+def _write_csv(path: Path, test: RangeTest) -> None:
+    lines = ["step,learning_rate,loss,smoothed_loss"]
+    lines += [f"{i + 1},{lr:.6e},{loss:.6f},{s:.6f}"
+              for i, (lr, loss, s) in enumerate(zip(test.lrs, test.losses, test.smoothed, strict=True))]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def find_lr(config: Config, data_paths: list[str], output_dir: Path, *, device: str = "auto",
+            start_lr: float = START_LR, end_lr: float = END_LR, num_steps: int = NUM_STEPS,
+            diverge_factor: float = DIVERGE_FACTOR) -> LRFindResult:
+    """Run the range test, print the suggestion and why, write lr_find.csv and (with matplotlib) lr_find.png."""
+    from fundamentallm import plot
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"-o {output_dir} is a file, not a directory")
+    test = range_test(config, data_paths, device=device, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
+                      diverge_factor=diverge_factor)
+    choice = suggest(test.lrs, test.smoothed)
+    if test.stop_reason:
+        info(f"Stopped after {len(test.lrs)} steps: {test.stop_reason}")
+    else:
+        warn(f"the loss did not diverge up to learning rate {end_lr:g}; the range may end too early "
+             f"(try a larger --end-lr)")
+    info(f"Smoothed loss: {test.smoothed[0]:.3f} at the start, minimum "
+         f"{min(test.smoothed):.3f} at learning rate {choice.minimum_lr:.2e}")
+    csv_path = output_dir / CSV_NAME
+    _write_csv(csv_path, test)
+    plot_path = None
+    if plot.matplotlib_available():
+        plot_path = plot.plot_lr_find(output_dir / PLOT_NAME, test.lrs, test.losses, test.smoothed, choice.lr,
+                                      "steepest descent" if choice.rule == RULE_STEEPEST else "minimum / 10",
+                                      choice.minimum_lr)
+    else:
+        warn(f"no {PLOT_NAME}: drawing it needs matplotlib ({plot.INSTALL_HINT})")
+    info(f"Range test took {test.elapsed_seconds:.1f}s; wrote {csv_path}" + (f" and {plot_path}" if plot_path
+                                                                               else ""))
+    info(f"Rule: {choice.rule}, because {choice.reason}")
+    info(f"Suggested learning rate: {choice.lr:.2e}")
+    return LRFindResult(test, choice, csv_path, plot_path)
+
+
+def auto_learning_rate(config: Config, data_paths: list[str], output_dir: Path, *, device: str = "auto",
+                       overwrite: bool = False) -> Config:
+    """`train --learning-rate auto`: run the range test (its CSV and plot go into the run directory) and return
+    the config with the suggested rate."""
+    from fundamentallm.train import check_output_dir
+
+    # Refuse an occupied output directory now, not after the range test has taken its minute.
+    check_output_dir(Path(output_dir), resume=False, overwrite=overwrite)
+    result = find_lr(config, data_paths, output_dir, device=device)
+    tuned = config.model_copy(deep=True)
+    tuned.training.learning_rate = float(f"{result.suggestion.lr:.3g}")
+    info(f"Training with learning rate {tuned.training.learning_rate:g} from the range test")
+    info()
+    return tuned

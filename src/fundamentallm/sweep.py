@@ -1,0 +1,295 @@
+"""Grid search: one training run per combination of --grid values, and a table of the results.
+
+    fundamentallm sweep DATA --grid training.learning_rate=1e-4,3e-4 --grid training.batch_size=16,32 -o results/
+
+Each combination trains in its own directory under the output directory, named after its values
+(results/learning_rate=1e-4,batch_size=16/), with the usual checkpoints, metrics.jsonl and training.png. After
+every run, results.csv is rewritten, sorted by best validation loss; at the end the same table is printed.
+
+A sweep is restartable: run the same command again and finished runs (and runs that failed, which would fail the
+same way again) are skipped, an interrupted run resumes from its newest checkpoint, and a run killed before its
+first checkpoint starts over. Every combination's configuration is resolved and validated before anything runs,
+and a directory that holds a run with a different configuration is refused, so a changed command cannot mix
+results.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fundamentallm.config import Config, config_from_dict, resolve_config
+from fundamentallm.console import info, warn
+from fundamentallm.errors import TrainingFailed, UserError
+from fundamentallm.files import atomic_write_bytes
+from fundamentallm.metrics import METRICS_FILE, read_metrics
+from fundamentallm.status import duration
+
+RESULTS_CSV = "results.csv"
+SWEEP_PLOT = "sweep.png"
+
+
+@dataclass
+class GridAxis:
+    key: str  # section.name
+    values: list[tuple[str, Any]]  # (as typed, parsed value)
+
+    @property
+    def short(self) -> str:
+        return self.key.split(".", 1)[1]
+
+
+@dataclass
+class SweepRun:
+    name: str
+    params: dict[str, str]  # key -> value as typed
+    config: Config
+    directory: Path
+    status: str = "pending"  # pending, finished, finished earlier, resumed, interrupted, failed
+    error: str = ""
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_grid(grids: list[str]) -> list[GridAxis]:
+    """--grid KEY=V1,V2,... options -> axes; values are read as YAML, like --set."""
+    if not grids:
+        raise UserError("give at least one --grid KEY=V1,V2,..., e.g. --grid training.learning_rate=1e-4,3e-4")
+    axes: list[GridAxis] = []
+    for grid in grids:
+        key, sep, raw = grid.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise UserError(f"--grid {grid!r}: expected KEY=V1,V2,..., e.g. --grid training.batch_size=16,32")
+        if "." not in key:
+            raise UserError(f"--grid {grid!r}: the key needs its section, e.g. training.{key} or model.{key}")
+        if any(axis.key == key for axis in axes):
+            raise UserError(f"--grid {key} is given twice; list all its values in one --grid")
+        texts = [v.strip() for v in raw.split(",")]
+        if any(not t for t in texts):
+            raise UserError(f"--grid {grid!r}: an empty value (two commas in a row, or one at the end)")
+        if len(set(texts)) != len(texts):
+            raise UserError(f"--grid {grid!r}: a value is listed twice")
+        values = []
+        for text in texts:
+            try:
+                values.append((text, yaml.safe_load(text)))
+            except yaml.YAMLError:
+                values.append((text, text))
+        axes.append(GridAxis(key, values))
+    return axes
+
+
+def _dir_name(axes: list[GridAxis], combo: tuple[tuple[str, Any], ...]) -> str:
+    shorts = [a.short for a in axes]
+    names = shorts if len(set(shorts)) == len(shorts) else [a.key for a in axes]
+    # Keep names readable (learning_rate=1e-4) but safe as one path component on any system.
+    return ",".join(f"{n}={re.sub(r'[^A-Za-z0-9._+-]', '_', text)}" for n, (text, _) in zip(names, combo,
+                                                                                           strict=True))
+
+
+def plan(config_name: str | None, overrides: list[tuple[str, Any, str]], axes: list[GridAxis],
+         output_dir: Path) -> list[SweepRun]:
+    """Every combination with its validated config and directory; refuses directories holding other runs."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"-o {output_dir} is a file, not a directory")
+    grid_keys = {a.key for a in axes}
+    clash = [source for key, value, source in overrides if key in grid_keys and value is not None]
+    if clash:
+        raise UserError(f"{', '.join(sorted(grid_keys & {k for k, v, _ in overrides if v is not None}))} is set "
+                        f"both by --grid and by {clash[0]}; give it in one place")
+    runs: list[SweepRun] = []
+    for combo in itertools.product(*(a.values for a in axes)):
+        grid_overrides = [(a.key, value, f"--grid {a.key}") for a, (_, value) in zip(axes, combo, strict=True)]
+        config = resolve_config(config_name, overrides + grid_overrides)
+        name = _dir_name(axes, combo)
+        runs.append(SweepRun(name, {a.key: text for a, (text, _) in zip(axes, combo, strict=True)}, config,
+                             output_dir / name))
+    if len({r.name for r in runs}) != len(runs):
+        raise UserError("two --grid values give the same run directory name; write the values differently")
+    for run in runs:
+        _check_same_config(run)
+    return runs
+
+
+def _check_same_config(run: SweepRun) -> None:
+    path = run.directory / "config.yaml"
+    if not path.exists():
+        return
+    try:
+        saved = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path)).to_dict()
+    except (OSError, yaml.YAMLError, UserError):
+        raise UserError(f"{path} is unreadable; remove {run.directory} to rerun that combination") from None
+    now = run.config.to_dict()
+    diffs = [f"{section}.{key}: {saved[section].get(key)!r} there, {value!r} now"
+             for section, values in now.items() for key, value in values.items()
+             if saved.get(section, {}).get(key) != value]
+    if diffs:
+        raise UserError(f"{run.directory} holds a run with another configuration ({'; '.join(diffs[:3])}); "
+                        f"this is not the sweep that wrote it. Use another -o, or remove that directory")
+
+
+def _last_end(run_dir: Path) -> dict[str, Any] | None:
+    if not (run_dir / METRICS_FILE).exists():
+        return None
+    records = read_metrics(run_dir)
+    return records[-1] if records and records[-1].get("kind") == "end" else None
+
+
+def summarize(run: SweepRun) -> dict[str, Any]:
+    """The run's row of the results table, from its metrics.jsonl."""
+    records = read_metrics(run.directory) if (run.directory / METRICS_FILE).exists() else []
+    evals = [r for r in records if r.get("kind") == "eval" and math.isfinite(r.get("val_loss", math.nan))]
+    trains = [r for r in records if r.get("kind") == "train"]
+    stepped = [r for r in records if "step" in r]
+    best = min((r["val_loss"] for r in evals), default=math.nan)
+    speeds = [r["tokens_per_sec"] for r in trains if r.get("tokens_per_sec")]
+    row: dict[str, Any] = {"rank": 0, **{k.split(".", 1)[1]: v for k, v in run.params.items()}}
+    row.update({
+        "best_val_loss": best,
+        "best_bpc": best / math.log(2),
+        "last_train_loss": trains[-1]["train_loss"] if trains else math.nan,
+        "steps": stepped[-1]["step"] if stepped else 0,
+        "time_s": stepped[-1].get("elapsed", math.nan) if stepped else math.nan,
+        # Training throughput: the mean over log intervals, so evaluation passes do not count.
+        "tokens_per_sec": sum(speeds) / len(speeds) if speeds else math.nan,
+        "status": run.status,
+        "run_dir": str(run.directory),
+    })
+    if run.error:
+        row["status"] = f"failed: {run.error}"
+    return row
+
+
+def _first_sentence(text: str) -> str:
+    return text.split(". ")[0].rstrip(".")
+
+
+def _sorted_rows(runs: list[SweepRun]) -> list[dict[str, Any]]:
+    rows = [r.row for r in runs if r.row]
+    rows.sort(key=lambda row: (math.isnan(row["best_val_loss"]), row["best_val_loss"]))
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def cell(key: str, value: Any) -> str:
+        if isinstance(value, float):
+            if math.isnan(value):
+                return "-"
+            if key == "time_s":
+                return duration(value)
+            if key == "tokens_per_sec":
+                return f"{value:,.0f}"
+            return f"{value:.4f}"
+        return str(value)
+
+    columns = [k for k in rows[0] if k != "run_dir"]
+    headers = {"rank": "#", "time_s": "time", "tokens_per_sec": "tokens/s"}
+    table = [[headers.get(k, k) for k in columns]] + [[cell(k, row[k]) for k in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    # Numbers (and the values typed for the grid) right-aligned, words left-aligned.
+    numeric = [all(isinstance(row[k], (int, float)) or _looks_numeric(row[k]) for row in rows) for k in columns]
+    return "\n".join("  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(line, widths, numeric,
+                                                                                     strict=True)).rstrip()
+                     for line in table)
+
+
+def _looks_numeric(text: Any) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@dataclass
+class SweepResult:
+    runs: list[SweepRun]
+    rows: list[dict[str, Any]]
+    csv_path: Path
+    interrupted_by: int | None = None  # the signal that stopped the sweep's current run, if one did
+
+
+def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], grids: list[str],
+              data_paths: list[str], output_dir: Path, *, device: str = "auto",
+              tensorboard: bool = False) -> SweepResult:
+    """Train every combination not finished yet; print and save the table sorted by best validation loss."""
+    from fundamentallm.checkpoint import find_resumable
+    from fundamentallm.plot import matplotlib_available, plot_runs
+    from fundamentallm.train import train
+
+    output_dir = Path(output_dir)
+    axes = parse_grid(grids)
+    runs = plan(config_name, overrides, axes, output_dir)
+    csv_path = output_dir / RESULTS_CSV
+    info(f"Sweep: {len(runs)} runs ({' x '.join(f'{len(a.values)} {a.short}' for a in axes)}) into "
+         f"{output_dir}/")
+    interrupted_by: int | None = None
+    for index, run in enumerate(runs, start=1):
+        label = f"[{index}/{len(runs)}] {run.name}"
+        end = _last_end(run.directory)
+        if end is not None and end.get("status") == "finished" and (run.directory / "final_model.pt").exists():
+            run.status = "finished earlier"
+            info(f"{label}: finished earlier, skipping")
+        elif end is not None and end.get("status") == "failed":
+            run.status, run.error = "failed", _first_sentence(end.get("error", ""))
+            info(f"{label}: failed earlier ({run.error}); skipping it (remove {run.directory} to retry)")
+        else:
+            resume_from = find_resumable(run.directory) if run.directory.exists() else None
+            overwrite = resume_from is None and run.directory.exists() and any(run.directory.iterdir())
+            if resume_from is not None:
+                info(f"{label}: resuming from {resume_from[0].name}")
+            elif overwrite:
+                info(f"{label}: stopped before its first checkpoint; starting it over")
+            else:
+                info(f"{label}")
+            try:
+                result = train(run.config, data_paths, run.directory, device=device, resume_from=resume_from,
+                               overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium")
+            except TrainingFailed as exc:  # e.g. a learning rate too high for this batch: a result, not a crash
+                run.status, run.error = "failed", _first_sentence(str(exc))
+                warn(f"{label} failed: {exc}")
+            else:
+                interrupted_by = result.interrupted_by
+                run.status = ("interrupted" if interrupted_by is not None else "resumed" if resume_from
+                              else "finished")
+        run.row = summarize(run)
+        write_results(_sorted_rows(runs), csv_path)
+        info()
+        if interrupted_by is not None:
+            break
+
+    rows = _sorted_rows(runs)
+    if interrupted_by is not None:
+        info(f"Sweep interrupted during run {index}/{len(runs)}; run the same command again to continue (finished "
+             f"runs are skipped, the interrupted one resumes)")
+    info(f"Sweep results ({len(rows)} of {len(runs)} runs, sorted by best validation loss), saved to {csv_path}:")
+    info(format_table(rows))
+    finished = [Path(r.row["run_dir"]) for r in runs if r.row and r.row["steps"] > 0]
+    if finished and interrupted_by is None and matplotlib_available():
+        try:
+            info(f"Plot: {plot_runs(finished, output_dir / SWEEP_PLOT)}")
+        except Exception as exc:  # a picture is never worth failing a finished sweep
+            warn(f"could not draw {output_dir / SWEEP_PLOT}: {exc}")
+    return SweepResult(runs, rows, csv_path, interrupted_by)
