@@ -33,13 +33,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fundamentallm import distributed
+from fundamentallm import distributed, plot
 from fundamentallm.config import Config
 from fundamentallm.console import Progress, info, warn
 from fundamentallm.data import BatchSampler, as_tensor, prepare_tokens
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write_bytes
 from fundamentallm.model import GPT
+from fundamentallm.train import (  # the helpers that make the test use exactly what a training run uses
+    autocast_dtype,
+    check_data_size,
+    check_output_dir,
+    make_optimizer,
+    optimizer_step,
+    seed_everything,
+    select_device,
+)
 
 # Defaults of the range test: 60 steps over five decades (12 rates per decade) resolve the curve well enough, and
 # with the stop rules the small preset finishes in about a minute on a 2-core CPU. Useful AdamW rates for these
@@ -132,9 +141,6 @@ def range_test(config: Config, data_paths: list[str], *, device: str = "auto", s
                end_lr: float = END_LR, num_steps: int = NUM_STEPS,
                diverge_factor: float = DIVERGE_FACTOR) -> RangeTest:
     """Train a fresh model with an exponentially increasing learning rate; stop when the loss diverges."""
-    # Late imports: train.py holds the helpers that make this test use exactly what a training run uses.
-    from fundamentallm.train import _check_data_size, autocast_dtype, make_optimizer, seed_everything, select_device
-
     if not 0 < start_lr < end_lr:
         raise UserError(f"--start-lr {start_lr:g} must be positive and below --end-lr {end_lr:g}")
     if num_steps < MIN_STEPS:
@@ -148,7 +154,7 @@ def range_test(config: Config, data_paths: list[str], *, device: str = "auto", s
     dev = select_device(device)
     seed_everything(cfg.seed, cfg.deterministic)
     data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
-    _check_data_size(data, cfg)
+    check_data_size(data, cfg)
     tokens = as_tensor(data.train, dev) if dev.type != "cpu" else data.train
     model = GPT.from_config(config, data.tokenizer.vocab_size).to(dev)
     optimizer = make_optimizer(model, cfg, dev)
@@ -174,20 +180,9 @@ def range_test(config: Config, data_paths: list[str], *, device: str = "auto", s
                 lr = start_lr * (end_lr / start_lr) ** (step / (num_steps - 1))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = 0.0
-                for _ in range(accum):
-                    x, y = sampler.next()
-                    with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        _, loss = model(x, y)
-                    scaler.scale(loss / accum).backward()
-                    loss_sum += loss.item()  # one sync per micro-batch: the test must see every loss at once
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clip_norm or math.inf)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                loss, _ = optimizer_step(model, model, optimizer, scaler, sampler, cfg, amp)
                 bar.update()
-                value = loss_sum / accum
+                value = loss.item()  # one sync per step: the test must see every loss at once
                 if not math.isfinite(value):
                     stop_reason = f"the loss became {value} at learning rate {lr:.2e}"
                     break
@@ -224,8 +219,6 @@ def find_lr(config: Config, data_paths: list[str], output_dir: Path, *, device: 
             start_lr: float = START_LR, end_lr: float = END_LR, num_steps: int = NUM_STEPS,
             diverge_factor: float = DIVERGE_FACTOR) -> LRFindResult:
     """Run the range test, print the suggestion and why, write lr_find.csv and (with matplotlib) lr_find.png."""
-    from fundamentallm import plot
-
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"-o {output_dir} is a file, not a directory")
@@ -259,8 +252,6 @@ def auto_learning_rate(config: Config, data_paths: list[str], output_dir: Path, 
                        overwrite: bool = False) -> Config:
     """`train --learning-rate auto`: run the range test (its CSV and plot go into the run directory) and return
     the config with the suggested rate."""
-    from fundamentallm.train import check_output_dir
-
     # Refuse an occupied output directory now, not after the range test has taken its minute.
     check_output_dir(Path(output_dir), resume=False, overwrite=overwrite)
     result = find_lr(config, data_paths, output_dir, device=device)

@@ -26,12 +26,15 @@ from typing import Any
 
 import yaml
 
+from fundamentallm.checkpoint import find_resumable
 from fundamentallm.config import Config, config_from_dict, resolve_config
 from fundamentallm.console import info, warn
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write_bytes
 from fundamentallm.metrics import METRICS_FILE, read_metrics
+from fundamentallm.plot import matplotlib_available, plot_runs
 from fundamentallm.status import duration
+from fundamentallm.train import train
 
 RESULTS_CSV = "results.csv"
 SWEEP_PLOT = "sweep.png"
@@ -235,10 +238,6 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
               data_paths: list[str], output_dir: Path, *, device: str = "auto",
               tensorboard: bool = False) -> SweepResult:
     """Train every combination not finished yet; print and save the table sorted by best validation loss."""
-    from fundamentallm.checkpoint import find_resumable
-    from fundamentallm.plot import matplotlib_available, plot_runs
-    from fundamentallm.train import train
-
     output_dir = Path(output_dir)
     axes = parse_grid(grids)
     runs = plan(config_name, overrides, axes, output_dir)

@@ -172,6 +172,31 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def optimizer_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer | MuonAdamW,
+                   scaler: torch.amp.GradScaler, sampler: BatchSampler, cfg: TrainingConfig,
+                   amp: torch.dtype | None, ddp: DistributedDataParallel | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: gradient_accumulation_steps micro-batches, unscale, clip, step. Returns the mean loss
+    and the gradient norm as device tensors, so the caller decides when to synchronise."""
+    accum = cfg.gradient_accumulation_steps
+    loss_sum = torch.zeros((), device=sampler.device)
+    for micro in range(accum):
+        x, y = sampler.next()
+        # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
+        sync = ddp is None or micro == accum - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync(), \
+                torch.autocast(sampler.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            _, loss = step_model(x, y)
+        scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clip_norm or math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accum, norm
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -355,7 +380,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     with distributed.collectively(dist):
         if not dist.is_local_main:
             data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
-        _check_data_size(data, cfg)
+        check_data_size(data, cfg)
         if resume_from is not None:
             check_resume_compatible(resume_from[1], config, data, resume_from[0])
     # Each rank its own seed, so that dropout masks differ between ranks; rank 0's is the single-process seed,
@@ -446,7 +471,6 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     window_start, window_tokens = time.perf_counter(), 0
     window_losses: list[torch.Tensor] = []
     window_norms: list[torch.Tensor] = []
-    accum = cfg.gradient_accumulation_steps
     step_model.train()
 
     def evaluate_now() -> bool:
@@ -480,25 +504,12 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                     lr = lr_at(state.step, total_steps, steps_per_epoch, cfg)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    loss_sum = torch.zeros((), device=dev)
-                    for micro in range(accum):
-                        x, y = sampler.next()
-                        sync = not dist.enabled or micro == accum - 1  # all-reduce only on the last micro-batch
-                        with (contextlib.nullcontext() if sync or ddp is None else ddp.no_sync()), \
-                                torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                            _, loss = step_model(x, y)
-                        scaler.scale(loss / accum).backward()
-                        loss_sum += loss.detach()
-                    scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clip_norm or math.inf)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                    loss, norm = optimizer_step(step_model, model, optimizer, scaler, sampler, cfg, amp, ddp)
                     state.step += 1
                     state.step_in_epoch += 1
                     state.tokens_seen += tokens_per_step
                     window_tokens += tokens_per_step
-                    window_losses.append(loss_sum / accum)
+                    window_losses.append(loss)
                     window_norms.append(norm)
                     bar.update()
 
@@ -633,7 +644,7 @@ def _restore(payload: dict[str, Any], model: GPT, optimizer: torch.optim.Optimiz
     return progress
 
 
-def _check_data_size(data: TokenData, cfg: TrainingConfig) -> None:
+def check_data_size(data: TokenData, cfg: TrainingConfig) -> None:
     need = cfg.sequence_length + 1
     if len(data.train) < need:
         raise UserError(
