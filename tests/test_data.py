@@ -121,3 +121,16 @@ def test_eval_windows_cover_every_prediction_once() -> None:
     windows = eval_windows(100, 16)
     predicted = [s + i for s, n in windows for i in range(1, n)]
     assert predicted == list(range(1, 100))
+
+
+def test_device_resident_and_memory_mapped_batches_are_identical() -> None:
+    # On a GPU the tokens live on the device as a tensor; on CPU they stay a (memory-mapped) array.
+    from fundamentallm.data import as_tensor
+
+    tokens = (np.arange(5000) * 7 % 251).astype(np.uint8)
+    cpu = torch.device("cpu")
+    mapped = BatchSampler(tokens, 6, 32, cpu, seed=11)
+    resident = BatchSampler(as_tensor(tokens, cpu), 6, 32, cpu, seed=11)
+    for _ in range(3):
+        a, b = mapped.next(), resident.next()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
