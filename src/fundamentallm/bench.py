@@ -38,6 +38,7 @@ from fundamentallm.train import select_device
 # Dense bf16 tensor-core peaks (TFLOP/s) by GPU name, for model FLOPs utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
 DEFAULT_ROWS = {"cuda": ["small:32", "medium:32", "medium:64", "large:32"], "cpu": ["small:32", "medium:8"]}
+GENERATION_PRESETS = ["small", "medium", "large"]
 SEQUENCE_LENGTH = 256
 
 
@@ -164,7 +165,7 @@ def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = No
             results["throughput"].append(asdict(measure_throughput(
                 data, preset, int(batch or 32), device, steps, warmup, Path(tmp), extra)))
         if generation:
-            for preset in dict.fromkeys(r.partition(":")[0] for r in rows):
+            for preset in GENERATION_PRESETS:
                 info(f"  generation: {preset} ...")
                 results["generation"].append(asdict(measure_generation(preset, device)))
         if recipe:
