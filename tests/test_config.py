@@ -23,6 +23,13 @@ def test_every_shipped_preset_loads_and_holds_the_guide_sizes() -> None:
     assert (sizes["large"].d_model, sizes["large"].num_heads, sizes["large"].num_layers) == (768, 12, 12)
 
 
+def test_benchmark_recipes_are_valid_configs() -> None:
+    recipes = sorted((Path(__file__).parents[1] / "benchmarks" / "recipes").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        assert isinstance(resolve_config(str(recipe)), Config)
+
+
 def test_medium_is_the_default() -> None:
     assert resolve_config(None).model == resolve_config("medium").model
 
