@@ -78,7 +78,7 @@ def _float_flag(value: str | None, flag: str) -> float | None:
 @cli.command()
 @click.argument("data", nargs=-1)
 @click.option("-c", "--config", "config_name", metavar="NAME|PATH",
-              help="Preset (small, medium, large, ...) or a YAML file. Default: medium.")
+              help="Preset (small, medium, large, fast-cpu) or a YAML file. Default: medium.")
 @click.option("--learning-rate", "--lr", metavar="LR|auto",
               help="Peak learning rate (training.learning_rate); auto: run the range test (lr-find) first.")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (training.batch_size).")
@@ -255,7 +255,7 @@ def _overrides(assignments: tuple[str, ...], **flags: Any) -> list[tuple[str, An
 @cli.command("lr-find")
 @click.argument("data", nargs=-1, required=True)
 @click.option("-c", "--config", "config_name", metavar="NAME|PATH",
-              help="Preset (small, medium, large, ...) or a YAML file. Default: medium.")
+              help="Preset (small, medium, large, fast-cpu) or a YAML file. Default: medium.")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (the best rate depends on it).")
 @click.option("--sequence-length", type=int, help="Context length in characters.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config key (repeatable).")
@@ -290,7 +290,7 @@ def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | No
               help="A config key and the values to try, e.g. --grid training.learning_rate=1e-4,3e-4 "
                    "(repeatable: every combination runs).")
 @click.option("-c", "--config", "config_name", metavar="NAME|PATH",
-              help="Preset (small, medium, large, ...) or a YAML file. Default: medium.")
+              help="Preset (small, medium, large, fast-cpu) or a YAML file. Default: medium.")
 @click.option("--epochs", type=int, help="Epochs per run (training.epochs).")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Set any config key for every run (repeatable).")
