@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,10 @@ def torchrun(*args: str | Path, nproc: int = 2, timeout: float = 180) -> subproc
     tests (torch.distributed.run is what the torchrun script calls). --standalone picks a free port."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "fundamentallm", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    scratch = Path.cwd() / "torchrun-tmp"  # torchrun leaves a folder per launch in TMPDIR: keep them in the test's own
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def losses(run: Path, kind: str = "train", key: str = "train_loss") -> list[tuple[int, float]]:
