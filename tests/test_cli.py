@@ -65,6 +65,7 @@ def test_evaluate_without_data_reproduces_the_runs_validation_loss(trained: tupl
     result = json.loads(run_cli("evaluate", run / "final_model.pt", "--json").stdout)
     assert result["loss"] == pytest.approx(last_eval["val_loss"], rel=1e-5)
     assert result["tokens"] == 4000  # the last 10% of 40,000 characters
+    assert result["predictions"] == 3999  # every character but the first
 
 
 def test_evaluate_on_another_file(trained: tuple[Path, str], corpus: Path, shakespeare: Path,

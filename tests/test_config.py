@@ -60,6 +60,8 @@ def test_guide_spelling_configs_small_yaml_means_the_preset() -> None:
     ([("trainng.epochs", 5, "--set")], ["unknown config key", "trainng"]),
     ([("training.scheduler", "cosin", "--set")], ["training.scheduler", "cosine", "linear"]),
     ([("training.epochs", "many", "--set")], ["training.epochs", "many", "integer"]),
+    ([("training.learning_rate", float("inf"), "--learning-rate")], ["training.learning_rate", "inf", "finite"]),
+    ([("training.gradient_clip_norm", float("nan"), "--set")], ["training.gradient_clip_norm", "finite"]),
 ])
 def test_invalid_values_name_key_value_and_rule(overrides: list, needles: list[str]) -> None:
     with pytest.raises(UserError) as info:
@@ -67,6 +69,13 @@ def test_invalid_values_name_key_value_and_rule(overrides: list, needles: list[s
     message = str(info.value)
     for needle in needles:
         assert needle in message, message
+
+
+def test_a_section_with_every_key_commented_out_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n#  d_model: 64\ntraining:\n  epochs: 2\n")
+    config = resolve_config(str(path), [("training.batch_size", 4, "--batch-size")])
+    assert config.model == resolve_config(None).model and config.training.epochs == 2
 
 
 def test_unknown_key_in_yaml_is_refused(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, run_cli, train_tiny
+from helpers import TINY, assert_clean_error, run_cli, snapshot, train_tiny
 
 from fundamentallm.checkpoint import read_checkpoint
 from fundamentallm.metrics import read_metrics
@@ -45,8 +45,9 @@ def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(corpus: Path, tm
     result = train_tiny(corpus, resumed, *options, "--resume", straight / "checkpoint_epoch_1.pt")
     assert "Resuming from" in result.output and "Epoch 1/2" not in result.output
     a, b = step_losses(straight), step_losses(resumed)
-    assert min(b) == 142 and len(b) == 141  # the second epoch only, starting where the first ended
-    assert [a[s] for s in sorted(b)] == [b[s] for s in sorted(b)]  # bit-identical, step by step
+    # The branch's log: the source run's records up to the checkpoint, then the second epoch trained here,
+    # bit-identical step by step to the uninterrupted run.
+    assert len(b) == 282 and a == b
     assert_same_weights(straight / "final_model.pt", resumed / "final_model.pt")
 
 
@@ -159,3 +160,46 @@ def test_resume_extends_a_finished_run_and_refuses_to_redo_it(corpus: Path, tmp_
     longer = run_cli("train", "--resume", "auto", "-o", run, "--epochs", "2", "--device", "cpu")
     assert longer.exit_code == 0, longer.stderr
     assert read_checkpoint(run / "final_model.pt")["progress"]["step"] == 282
+
+
+def test_branching_off_a_checkpoint_keeps_its_history_and_never_mixes_runs(corpus: Path, tmp_path: Path) -> None:
+    source, other, branch = tmp_path / "source", tmp_path / "other", tmp_path / "branch"
+    train_tiny(corpus, source, "--epochs", "2")
+    train_tiny(corpus, other, "--epochs", "1", "--set", "model.d_ff=48")
+    ckpt = source / "checkpoint_epoch_1.pt"
+    before = snapshot(other)
+
+    # Into a directory that holds another run: refused, and that run is left exactly as it was.
+    mixed = run_cli("train", "--resume", ckpt, "-o", other, "--epochs", "2", "--device", "cpu")
+    assert_clean_error(mixed, "already holds another run", "branch")
+    assert snapshot(other) == before
+
+    # Into a new directory: its metrics.jsonl describes the branch and carries the source's records up to the
+    # checkpoint, so status and plots show the whole curve.
+    result = run_cli("train", "--resume", ckpt, "-o", branch, "--epochs", "3", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    records = read_metrics(branch)
+    assert records[0]["kind"] == "run" and records[0]["config"]["training"]["epochs"] == 3
+    assert sum(r["kind"] == "run" for r in records) == 1
+    at = read_checkpoint(ckpt)["progress"]["step"]
+    source_steps = {s: loss for s, loss in step_losses(source).items() if s <= at}
+    assert {s: loss for s, loss in step_losses(branch).items() if s <= at} == source_steps
+    assert max(step_losses(branch)) == read_checkpoint(branch / "final_model.pt")["progress"]["step"]
+
+
+def test_resuming_in_place_rewrites_the_run_record(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_tiny(corpus, run, "--epochs", "1")
+    longer = run_cli("train", "--resume", "auto", "-o", run, "--epochs", "2", "--device", "cpu")
+    assert longer.exit_code == 0, longer.stderr
+    records = read_metrics(run)
+    runs = [r for r in records if r["kind"] == "run"]
+    assert records[0] is runs[0] and len(runs) == 1
+    assert runs[0]["total_steps"] == read_checkpoint(run / "final_model.pt")["progress"]["step"]
+    assert [r["status"] for r in records if r["kind"] == "end"] == ["finished"]
+
+
+def test_resume_auto_without_a_checkpoint_or_data(tmp_path: Path) -> None:
+    result = run_cli("train", "--resume", "auto", "-o", tmp_path / "empty")
+    assert_clean_error(result, "no checkpoint", "give DATA")
+    assert not (tmp_path / "empty").exists()

@@ -245,12 +245,21 @@ def test_out_of_memory_names_the_remedies_in_order(corpus: Path, tmp_path: Path,
     (["-p", "A", "--top-p", "1.5"], ["--top-p"]),
     (["-p", "A", "--top-k", "-1"], ["--top-k"]),
     (["-p", "A", "--temperature", "-1"], ["--temperature"]),
+    (["-p", "A", "--temperature", "nan"], ["--temperature", "not a finite number"]),
+    (["-p", "A", "--top-p", "nan"], ["--top-p", "not a finite number"]),
     (["-p", "A", "--device", "cuda:7"], ["--device cuda:7"]),
 ])
 def test_bad_generation_input(run_dir: Path, args: list[str], needles: list[str]) -> None:
     if "cuda:7" in args and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
     assert_clean_error(run_cli("generate", run_dir / "final_model.pt", *args), *needles)
+
+
+def test_tiny_temperature_is_greedy_not_a_crash(run_dir: Path) -> None:
+    args = ["generate", run_dir / "final_model.pt", "-p", "ROMEO:", "--max-tokens", "30"]
+    cold = run_cli(*args, "--temperature", "1e-40", "--seed", "3")
+    assert cold.exit_code == 0, cold.stderr
+    assert cold.stdout == run_cli(*args, "--temperature", "0").stdout
 
 
 def test_evaluate_missing_data(run_dir: Path, tmp_path: Path) -> None:

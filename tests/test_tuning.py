@@ -207,6 +207,22 @@ def test_sweep_records_a_failed_run_and_refuses_a_changed_command(corpus: Path, 
     assert snapshot(out) == before
 
 
+def test_sweep_goes_on_past_a_combination_the_data_cannot_serve(corpus: Path, tmp_path: Path) -> None:
+    # TINY_SETS without its sequence length, which is the grid axis here
+    sets = [arg for pair in zip(TINY_SETS[::2], TINY_SETS[1::2], strict=True)
+            if pair[1] != "training.sequence_length=32" for arg in pair]
+    args = ["sweep", corpus, "--device", "cpu", *sets, "--set", "training.batch_size=8", "--epochs", "1",
+            "--set", "training.max_steps=5"]
+    result = run_cli(*args, "--grid", "training.sequence_length=100000,32", "-o", tmp_path / "a")
+    assert result.exit_code == 0, result.stderr
+    assert "sequence_length=100000 failed" in result.stderr
+    rows = {r["sequence_length"]: r["status"] for r in csv.DictReader((tmp_path / "a" / "results.csv").open())}
+    assert rows["32"] == "finished" and rows["100000"].startswith("failed")
+    # When nothing could run, the sweep says so with a non-zero exit code.
+    none = run_cli(*args, "--grid", "training.sequence_length=100000,200000", "-o", tmp_path / "b")
+    assert_clean_error(none, "every run of the sweep failed", code=1)
+
+
 def test_sweep_resumes_after_an_interruption_without_rerunning_finished_runs(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     # 120 steps per run, less than an epoch (141 steps): the interrupted run resumes from interrupted.pt.
@@ -401,3 +417,22 @@ def test_status_follows_a_run_from_its_files(corpus: Path, tmp_path: Path) -> No
 def test_status_refuses_what_is_not_a_run(tmp_path: Path) -> None:
     assert_clean_error(run_cli("status", tmp_path / "nope"), "does not exist")
     assert_clean_error(run_cli("status", tmp_path), "metrics.jsonl")
+
+
+def test_metrics_readers_skip_lines_that_are_not_records(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_tiny(corpus, run, "--epochs", "1")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('3\n["not", "a", "record"]\n{"kind": "tr')  # stray values and a half-written last line
+    assert all(isinstance(r, dict) for r in read_metrics(run))
+    assert json.loads(run_cli("status", run, "--json").stdout)["state"] == "finished"
+
+
+def test_bench_refuses_bad_input_before_measuring(corpus: Path, tmp_path: Path) -> None:
+    bench = ["bench", corpus, "--device", "cpu", "--no-generation"]
+    assert_clean_error(run_cli(*bench, "--rows", "small:abc"), "--rows 'small:abc'", "positive whole number")
+    assert_clean_error(run_cli(*bench, "--rows", "tiny:8"), "unknown preset 'tiny'", "small")
+    assert_clean_error(run_cli(*bench, "--recipe", tmp_path / "nope.yaml"), "nope.yaml", "no such file")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_clean_error(run_cli(*bench, "-o", blocker / "bench.json"), "cannot create", str(blocker))

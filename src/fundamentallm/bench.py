@@ -27,16 +27,19 @@ from typing import Any
 
 import torch
 
-from fundamentallm.config import resolve_config
+from fundamentallm.config import preset_names, resolve_config
 from fundamentallm.console import info
 from fundamentallm.errors import UserError
+from fundamentallm.files import atomic_write_bytes
 from fundamentallm.generate import generate_tokens
 from fundamentallm.metrics import read_metrics
 from fundamentallm.model import GPT
 from fundamentallm.train import select_device
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by GPU name, for model FLOPs utilisation.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by GPU name, for model FLOPs utilisation. The
+# longest name found in the device's name wins, so "H100 PCIe" is not taken for an SXM H100, nor "L40" for "L4".
+PEAK_TFLOPS = {"H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0,
+               "L40S": 362.0, "L40": 181.0, "L4": 121.0}
 DEFAULT_ROWS = {"cuda": ["small:32", "medium:32", "medium:64", "large:32"], "cpu": ["small:32", "medium:8"]}
 GENERATION_PRESETS = ["small", "medium", "large"]
 SEQUENCE_LENGTH = 256
@@ -78,7 +81,21 @@ def device_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    matches = [key for key in PEAK_TFLOPS if key in name]
+    return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+
+
+def parse_rows(rows: list[str]) -> list[tuple[str, int]]:
+    """PRESET:BATCH strings (BATCH defaults to 32) as (preset, batch size), refusing bad ones before any run."""
+    parsed = []
+    for row in rows:
+        preset, _, batch = row.strip().partition(":")
+        if preset not in preset_names():
+            raise UserError(f"--rows {row!r}: unknown preset {preset!r}; choose from {', '.join(preset_names())}")
+        if batch and not (batch.isdigit() and int(batch) > 0):
+            raise UserError(f"--rows {row!r}: the batch size must be a positive whole number, e.g. {preset}:32")
+        parsed.append((preset, int(batch or 32)))
+    return parsed
 
 
 def _train_child(data: Path, out: Path, device: str, args: list[str]) -> tuple[int, Any, float]:
@@ -150,7 +167,15 @@ def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = No
               output: Path = Path("bench.json"), extra: list[str] | None = None) -> dict[str, Any]:
     device = select_device(device_name)
     kind = "cuda" if device.type == "cuda" else "cpu"
-    rows = rows or DEFAULT_ROWS[kind]
+    parsed_rows = parse_rows(rows or DEFAULT_ROWS[kind])
+    if recipe:
+        resolve_config(recipe)  # an unknown or invalid recipe is refused now, not after the throughput rows
+    try:  # find out now, not after minutes of measuring, that the results cannot be written
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {output.parent} for the results: {exc.strerror}") from None
+    if not os.access(output.parent, os.W_OK):
+        raise UserError(f"cannot write to {output.parent}: permission denied; choose another -o/--output")
     steps = steps or (50 if kind == "cuda" else 10)
     warmup = 20 if kind == "cuda" else 3
     extra = extra or []
@@ -159,11 +184,10 @@ def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = No
     results: dict[str, Any] = {"device": description, "torch": torch.__version__, "time": time.time(),
                                "throughput": [], "generation": [], "quality": []}
     with tempfile.TemporaryDirectory(prefix="fundamentallm-bench-") as tmp:
-        for row in rows:
-            preset, _, batch = row.partition(":")
+        for preset, batch in parsed_rows:
             info(f"  training throughput: {preset}, batch {batch} ...")
             results["throughput"].append(asdict(measure_throughput(
-                data, preset, int(batch or 32), device, steps, warmup, Path(tmp), extra)))
+                data, preset, batch, device, steps, warmup, Path(tmp), extra)))
         if generation:
             for preset in GENERATION_PRESETS:
                 info(f"  generation: {preset} ...")
@@ -172,7 +196,7 @@ def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = No
             info(f"  time to validation loss {target} with {recipe} ...")
             results["quality"].append(asdict(measure_quality(data, recipe, target or 1.47, device, Path(tmp),
                                                              extra)))
-    output.write_text(json.dumps(results, indent=2))
+    atomic_write_bytes(output, json.dumps(results, indent=2).encode("utf-8"))
     info(format_tables(results))
     info(f"Numbers written to {output}")
     return results

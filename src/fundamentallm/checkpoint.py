@@ -93,7 +93,7 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise UserError(f"{path} has checkpoint format version {version!r}, but this FundamentaLLM "
                         f"({__version__}) reads version {FORMAT_VERSION}; upgrade FundamentaLLM to load it")
-    for key in ("config", "tokenizer", "model", "progress", "checksum"):
+    for key in ("config", "tokenizer", "model", "progress", "data", "checksum"):
         if key not in payload:
             raise UserError(f"{path} is damaged: its '{key}' entry is missing")
     if payload["checksum"] != _checksum(payload):

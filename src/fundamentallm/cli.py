@@ -7,6 +7,7 @@ after it started); anything else is reported as an internal error. --debug shows
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import click
 
 from fundamentallm import __version__
-from fundamentallm.errors import UserError
+from fundamentallm.errors import TrainingFailed, UserError
 
 
 class _Group(click.Group):
@@ -66,6 +67,13 @@ def cli(debug: bool) -> None:
 # train
 
 
+def _finite(value: float, flag: str) -> float:
+    """click's FloatRange lets nan (and, without a maximum, inf) through; sampling needs a real number."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param_hint=flag)
+    return value
+
+
 def _float_flag(value: str | None, flag: str) -> float | None:
     if value is None:
         return None
@@ -112,6 +120,9 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
             if any((output_dir / name).exists() for name in RUN_FILES) or list(output_dir.glob("*.pt")):
                 raise UserError(f"--resume auto: {output_dir} holds a run but no checkpoint that can be resumed "
                                 f"(see the warnings above); use --overwrite to start again")
+            if not data:
+                raise UserError(f"--resume auto: no checkpoint in {output_dir} to continue, and no DATA to start "
+                                f"a new run with; give DATA (a text file, several, or a directory)")
             click.echo(f"--resume auto: no checkpoint in {output_dir} yet; starting a new run", err=True)
     elif resume:
         payload = read_checkpoint(resume)
@@ -159,10 +170,12 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
 @click.option("--max-tokens", type=click.IntRange(min=1), default=500, show_default=True,
               help="Characters to generate per sample.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              callback=lambda ctx, param, value: _finite(value, "--temperature"),
               help="Sampling temperature; 0 is greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample only from the k most likely characters (0: all).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              callback=lambda ctx, param, value: _finite(value, "--top-p"),
               help="Nucleus sampling: the smallest set of characters with this total probability.")
 @click.option("--seed", type=int, help="Seed for reproducible samples.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
@@ -232,8 +245,8 @@ def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size:
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    click.echo(f"{result.checkpoint} on {result.data}: {result.tokens:,} characters, context "
-               f"{result.context_length}")
+    click.echo(f"{result.checkpoint} on {result.data}: {result.tokens:,} characters ({result.predictions:,} "
+               f"predicted), context {result.context_length}")
     click.echo(f"  loss={result.loss:.4f} nats/char, perplexity={result.perplexity:.3f}, "
                f"bpc={result.bits_per_char:.4f}")
 
@@ -310,6 +323,8 @@ def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None
                        device=device, tensorboard=tensorboard)
     if result.interrupted_by is not None:
         sys.exit(128 + result.interrupted_by)  # as train: the shell convention for "ended by signal N"
+    if all(run.status == "failed" for run in result.runs):
+        raise TrainingFailed(f"every run of the sweep failed (see {result.csv_path})")
 
 
 @cli.command()

@@ -27,8 +27,9 @@ PRESETS_PACKAGE = "fundamentallm.configs"
 
 class _Section(BaseModel):
     # Unknown keys are errors, assignments are re-validated, and nothing is coerced silently except
-    # YAML's own scalars (e.g. "1e-3", which YAML 1.1 reads as a string).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # YAML's own scalars (e.g. "1e-3", which YAML 1.1 reads as a string). inf and nan pass every bound
+    # (inf > 0), so they are refused outright.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -150,7 +151,8 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{origin} must be a YAML mapping with 'model:' and 'training:' sections, "
                         f"not a {type(data).__name__}")
-    return data
+    # A section whose keys are all commented out reads as None: it means "no changes here".
+    return {key: {} if value is None else value for key, value in data.items()}
 
 
 def load_config_source(name_or_path: str) -> tuple[dict[str, Any], str]:

@@ -20,6 +20,7 @@ class Evaluation:
     checkpoint: str
     data: str
     tokens: int
+    predictions: int  # tokens - 1: the first character has nothing before it to be predicted from
     loss: float
     perplexity: float
     bits_per_char: float
@@ -41,7 +42,8 @@ def evaluate(checkpoint: Path, data_paths: list[str] | None = None, device: str 
         tokens, described = _validation_split(checkpoint, loaded.payload, loaded.config)
     amp = autocast_dtype(dev, loaded.config.training.use_mixed_precision)
     loss = estimate_loss(loaded.model, as_tensor(tokens, dev), batch_size, dev, amp)
-    return Evaluation(checkpoint=str(checkpoint), data=described, tokens=len(tokens), loss=loss,
+    return Evaluation(checkpoint=str(checkpoint), data=described, tokens=len(tokens),
+                      predictions=len(tokens) - 1, loss=loss,
                       perplexity=perplexity(loss), bits_per_char=bits_per_char(loss),
                       context_length=loaded.model.context_length)
 

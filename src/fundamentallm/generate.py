@@ -37,7 +37,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    # Shift so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf
+    # (greedy in effect) instead of overflowing to inf - inf = nan.
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -253,7 +253,7 @@ def auto_learning_rate(config: Config, data_paths: list[str], output_dir: Path, 
     """`train --learning-rate auto`: run the range test (its CSV and plot go into the run directory) and return
     the config with the suggested rate."""
     # Refuse an occupied output directory now, not after the range test has taken its minute.
-    check_output_dir(Path(output_dir), resume=False, overwrite=overwrite)
+    check_output_dir(Path(output_dir), resume_from=None, overwrite=overwrite)
     result = find_lr(config, data_paths, output_dir, device=device)
     tuned = config.model_copy(deep=True)
     tuned.training.learning_rate = float(f"{result.suggestion.lr:.3g}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fundamentallm.console import warn
+from fundamentallm.files import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -32,12 +33,21 @@ def bits_per_char(loss_nats: float) -> float:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False) -> None:
+    """metrics.jsonl of one run. It always starts with `run_record` (this session's description of the run). On
+    resume, the records up to the checkpoint's step follow it: from this file when resuming in place, or from
+    the run the checkpoint came from (`history_from`) when branching into a new directory."""
+
+    def __init__(self, run_dir: Path, run_record: dict[str, Any], resume_step: int | None = None,
+                 history_from: Path | None = None, tensorboard: bool = False) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        if resume_step is not None:
-            _truncate_after(self.path, resume_step)
-        elif self.path.exists():
-            self.path.unlink()
+        history: list[dict[str, Any]] = []
+        source = Path(history_from or run_dir)
+        if resume_step is not None and (source / METRICS_FILE).is_file():
+            # Records past the checkpoint are about to be redone; end records of earlier sessions no longer hold.
+            history = [r for r in read_metrics(source)
+                       if r.get("kind") in ("train", "eval") and r.get("step", 0) <= resume_step]
+        lines = [{**run_record, "time": time.time()}, *history]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in lines).encode("utf-8"))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run's duration
         self._tb = None
         if tensorboard:
@@ -79,23 +89,17 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete record of a run's metrics.jsonl (a half-written last line is ignored)."""
+    """Every complete record of a run's metrics.jsonl (a half-written last line, or anything that is not a JSON
+    object, is ignored)."""
     path = Path(run_dir) / METRICS_FILE
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
-
-def _truncate_after(path: Path, step: int) -> None:
-    """On resume, drop records from beyond the checkpoint, which the resumed run is about to redo, and the end
-    records of earlier sessions (the run is going again)."""
-    if not path.exists():
-        return
-    kept = [r for r in read_metrics(path.parent)
-            if r.get("kind") == "run" or (r.get("kind") != "end" and r.get("step", 0) <= step)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

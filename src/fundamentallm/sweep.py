@@ -29,6 +29,7 @@ import yaml
 from fundamentallm.checkpoint import find_resumable
 from fundamentallm.config import Config, config_from_dict, resolve_config
 from fundamentallm.console import info, warn
+from fundamentallm.data import prepare_tokens
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write_bytes
 from fundamentallm.metrics import METRICS_FILE, read_metrics
@@ -154,7 +155,12 @@ def summarize(run: SweepRun) -> dict[str, Any]:
     trains = [r for r in records if r.get("kind") == "train"]
     stepped = [r for r in records if "step" in r]
     best = min((r["val_loss"] for r in evals), default=math.nan)
-    speeds = [r["tokens_per_sec"] for r in trains if r.get("tokens_per_sec")]
+    # Training throughput over the logged windows (evaluation and saving excluded): tokens over time, each
+    # window weighted by its number of steps.
+    windows = [(r["step"] - prev["step"], r["tokens_per_sec"])
+               for prev, r in zip([{"step": 0}, *trains], trains, strict=False) if r.get("tokens_per_sec")]
+    steps_timed = sum(n for n, _ in windows)
+    seconds_per_token = sum(n / tps for n, tps in windows)
     row: dict[str, Any] = {"rank": 0, **{k.split(".", 1)[1]: v for k, v in run.params.items()}}
     row.update({
         "best_val_loss": best,
@@ -162,8 +168,7 @@ def summarize(run: SweepRun) -> dict[str, Any]:
         "last_train_loss": trains[-1]["train_loss"] if trains else math.nan,
         "steps": stepped[-1]["step"] if stepped else 0,
         "time_s": stepped[-1].get("elapsed", math.nan) if stepped else math.nan,
-        # Training throughput: the mean over log intervals, so evaluation passes do not count.
-        "tokens_per_sec": sum(speeds) / len(speeds) if speeds else math.nan,
+        "tokens_per_sec": steps_timed / seconds_per_token if seconds_per_token else math.nan,
         "status": run.status,
         "run_dir": str(run.directory),
     })
@@ -244,6 +249,9 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
     csv_path = output_dir / RESULTS_CSV
     info(f"Sweep: {len(runs)} runs ({' x '.join(f'{len(a.values)} {a.short}' for a in axes)}) into "
          f"{output_dir}/")
+    # DATA that cannot be read would fail every run the same way: say so once, before anything runs. The tokens
+    # are cached, so the runs do not tokenize again.
+    prepare_tokens(data_paths, runs[0].config.training.validation_split, runs[0].config.data.min_char_frequency)
     interrupted_by: int | None = None
     for index, run in enumerate(runs, start=1):
         label = f"[{index}/{len(runs)}] {run.name}"
@@ -266,7 +274,9 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
             try:
                 result = train(run.config, data_paths, run.directory, device=device, resume_from=resume_from,
                                overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium")
-            except TrainingFailed as exc:  # e.g. a learning rate too high for this batch: a result, not a crash
+            except (TrainingFailed, UserError) as exc:
+                # A learning rate too high for this batch, or a sequence length the data is too short for:
+                # a result for this combination, not a reason to drop the others.
                 run.status, run.error = "failed", _first_sentence(str(exc))
                 warn(f"{label} failed: {exc}")
             else:

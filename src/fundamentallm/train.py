@@ -316,21 +316,31 @@ def check_resume_compatible(payload: dict[str, Any], config: Config, data: Token
                         f"run's own config (omit --config) or start a new run in another directory")
     saved_data = payload.get("data", {})
     if saved_data.get("fingerprint") != data.fingerprint:
-        files = ", ".join(saved_data.get("files", [])) or "unknown files"
+        files = ", ".join(map(str, saved_data.get("files", []))) or "unknown files"
+        saved_chars = saved_data.get("num_chars")
+        saved_chars = f"{saved_chars:,}" if isinstance(saved_chars, int) else "?"
         raise UserError(f"cannot resume from {path}: it was trained on different data ({files}, "
-                        f"{saved_data.get('num_chars', '?'):,} characters; now {data.num_chars:,} characters from "
+                        f"{saved_chars} characters; now {data.num_chars:,} characters from "
                         f"{', '.join(str(f) for f in data.files)}), or the text was edited since, or "
                         f"validation_split/min_char_frequency changed")
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> list[str]:
+def check_output_dir(output_dir: Path, resume_from: tuple[Path, dict[str, Any]] | None, overwrite: bool
+                     ) -> list[str]:
     """Refuse to mix two runs in one directory unless --resume or --overwrite says what to do; returns the
-    files of an earlier run there. Nothing is created or removed yet, so a later error leaves all as it was."""
+    files of an earlier run there. Nothing is created or removed yet, so a later error leaves all as it was.
+
+    Resuming from a checkpoint inside the directory continues that run there; resuming from one elsewhere
+    branches a new run off it, which needs a directory without a run of its own."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"-o {output_dir} is a file, not a directory")
     existing = [name for name in RUN_FILES if (output_dir / name).exists()]
     existing += [p.name for _, p in ckpt.periodic_checkpoints(output_dir)]
-    if existing and not resume and not overwrite:
+    in_place = resume_from is not None and resume_from[0].resolve().parent == output_dir.resolve()
+    if existing and resume_from is not None and not in_place:
+        raise UserError(f"{output_dir} already holds another run ({', '.join(sorted(existing)[:4])}); to branch "
+                        f"off {resume_from[0]}, give an -o/--output-dir without a run in it")
+    if existing and resume_from is None and not overwrite:
         raise UserError(f"{output_dir} already holds a run ({', '.join(sorted(existing)[:4])}); continue it "
                         f"with --resume auto, replace it with --overwrite, or choose another -o/--output-dir")
     parent = output_dir
@@ -374,7 +384,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     # Under torchrun, a set-up error on any rank stops every rank cleanly (distributed.collectively).
     # Data: the first process on each machine builds that machine's token cache, the others then read it.
     with distributed.collectively(dist):
-        earlier_run = check_output_dir(output_dir, resume_from is not None, overwrite) if dist.is_main else []
+        earlier_run = check_output_dir(output_dir, resume_from, overwrite) if dist.is_main else []
         if dist.is_local_main:
             data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
     with distributed.collectively(dist):
@@ -453,14 +463,15 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
         ckpt.save_checkpoint(path, model=model, config=config, tokenizer=data.tokenizer, data=data_info,
                              progress=state.to_dict(), training_state=training_state)
 
-    log = MetricsLog(output_dir, resume_step=state.step if resume_from else None,
-                     tensorboard=tensorboard) if dist.is_main else None
-    if log is not None and resume_from is None:
-        log.write({"kind": "run", "parameters": model.num_parameters(), "flops_per_token": model.flops_per_token(),
-                   "vocab_size": data.tokenizer.vocab_size,
-                   "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                   "tokens_per_step": tokens_per_step, "device": str(dev), "world_size": dist.world_size,
-                   "config": config.to_dict()})
+    log = None
+    if dist.is_main:
+        run_record = {"kind": "run", "parameters": model.num_parameters(), "flops_per_token": model.flops_per_token(),
+                      "vocab_size": data.tokenizer.vocab_size,
+                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                      "tokens_per_step": tokens_per_step, "device": str(dev), "world_size": dist.world_size,
+                      "config": config.to_dict()}
+        log = MetricsLog(output_dir, run_record, resume_step=state.step if resume_from else None,
+                         history_from=resume_from[0].parent if resume_from else None, tensorboard=tensorboard)
 
     result = TrainResult(output_dir=output_dir, steps=state.step, epochs_completed=state.epochs_done,
                          best_val_loss=state.best_val_loss, last_val_loss=state.val_loss,
@@ -567,6 +578,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                     info(f"Early stopping: validation loss has not improved for {cfg.early_stopping_patience} "
                          f"evaluation(s); best {state.best_val_loss:.4f}")
                 distributed.barrier(dist)
+                window_start = time.perf_counter()  # tokens/s measures training, not evaluation and saving
 
             state.elapsed_seconds = time.perf_counter() - run_start
             save(output_dir / ckpt.FINAL)
