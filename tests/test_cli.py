@@ -33,7 +33,7 @@ def test_train_writes_every_promised_file(trained: tuple[Path, str]) -> None:
     for name in ("checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "best_model.pt", "final_model.pt",
                  "config.yaml", "metrics.jsonl"):
         assert (run / name).is_file(), name
-    assert not list(run.glob(".tmp-*")), "temporary files left behind"
+    assert not list(run.glob(".fundamentallm-tmp-*")), "temporary files left behind"
 
 
 def test_console_shows_bar_and_epoch_metrics_without_control_characters(trained: tuple[Path, str]) -> None:
@@ -99,6 +99,18 @@ def test_training_reduces_the_loss(trained: tuple[Path, str]) -> None:
     assert evals[-1] < math.log(65) - 0.5
 
 
+def test_evaluations_follow_eval_interval_whatever_the_log_interval(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_tiny(corpus, run, "--epochs", "1", "--set", "training.log_interval=10",
+               "--set", "training.eval_interval=15")
+    records = read_metrics(run)
+    steps = records[0]["steps_per_epoch"]
+    evals = [r["step"] for r in records if r["kind"] == "eval"]
+    assert evals == [*range(15, steps, 15), steps]
+    # each evaluation comes with a train record of the steps before it
+    assert set(evals) <= {r["step"] for r in records if r["kind"] == "train"}
+
+
 def test_keep_last_n_and_save_every(corpus: Path, tmp_path: Path) -> None:
     train_tiny(corpus, tmp_path / "keep", "--epochs", "4", "--set", "training.keep_last_n=2")
     assert sorted(p.name for p in (tmp_path / "keep").glob("checkpoint_epoch_*.pt")) == \
@@ -129,7 +141,8 @@ def test_save_then_load_gives_identical_logits(tmp_path: Path) -> None:
     config = resolve_config("small", [("training.sequence_length", 32, "--set")])
     tokenizer = CharTokenizer.fit(count_code_points("abcdefghij"))
     model = GPT.from_config(config, tokenizer.vocab_size).eval()
-    save_checkpoint(tmp_path / "m.pt", model=model, config=config, tokenizer=tokenizer, data={}, progress={})
+    save_checkpoint(tmp_path / "m.pt", model=model, config=config, tokenizer=tokenizer, data={},
+                    progress={"step": 0})
     loaded = load_model(tmp_path / "m.pt")
     x = torch.randint(0, tokenizer.vocab_size, (2, 32))
     with torch.no_grad():

@@ -76,7 +76,8 @@ def _reached_step(run: Path, step: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_interrupted_checkpoint_and_resume_is_exact(corpus: Path, tmp_path: Path, sig: int) -> None:
     run, straight = tmp_path / "run", tmp_path / "straight"
-    steps = ["--epochs", "20", "--set", "training.max_steps=400"]
+    # A log interval of 7: the signal lands inside a log window, whose losses the checkpoint must carry.
+    steps = ["--epochs", "20", "--set", "training.max_steps=400", "--set", "training.log_interval=7"]
     proc = _start_training(corpus, run, *steps)
     _wait_for(lambda: _reached_step(run, 30))
     proc.send_signal(sig)
@@ -102,29 +103,29 @@ def test_second_ctrl_c_exits_at_once(corpus: Path, tmp_path: Path) -> None:
     proc = _start_training(corpus, run, "--epochs", "20", env={"FUNDAMENTALLM_TEST_SLOW_WRITE": "0.5"})
     _wait_for(lambda: _reached_step(run, 10))
     proc.send_signal(signal.SIGINT)
-    _wait_for(lambda: list(run.glob(".tmp-interrupted.pt*")))
+    _wait_for(lambda: list(run.glob(".fundamentallm-tmp-interrupted.pt*")))
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert "Traceback" not in stderr and "Aborted" in stderr
-    assert not (run / "interrupted.pt").exists() and not list(run.glob(".tmp-*"))
+    assert not (run / "interrupted.pt").exists() and not list(run.glob(".fundamentallm-tmp-*"))
 
 
 def test_sigkill_during_save_leaves_earlier_checkpoints_loadable(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _start_training(corpus, run, "--epochs", "5", "--set", "training.keep_last_n=0",
                            env={"FUNDAMENTALLM_TEST_SLOW_WRITE": "0.2"})
-    _wait_for(lambda: (run / "checkpoint_epoch_2.pt").exists() and list(run.glob(".tmp-*")))
+    _wait_for(lambda: (run / "checkpoint_epoch_2.pt").exists() and list(run.glob(".fundamentallm-tmp-*")))
     proc.send_signal(signal.SIGKILL)  # mid-write of a later checkpoint
     proc.communicate(timeout=30)
-    assert list(run.glob(".tmp-*")), "the kill should have interrupted a write"
+    assert list(run.glob(".fundamentallm-tmp-*")), "the kill should have interrupted a write"
     for path in run.glob("*.pt"):
         payload = read_checkpoint(path)  # every file that has its final name is whole
         assert payload["progress"]["step"] > 0
 
     resumed = run_cli("train", "--resume", "auto", "-o", run, "--device", "cpu")
     assert resumed.exit_code == 0, resumed.stderr
-    assert not list(run.glob(".tmp-*"))  # stale temporaries are cleaned up
+    assert not list(run.glob(".fundamentallm-tmp-*"))  # stale temporaries are cleaned up
     assert read_checkpoint(run / "final_model.pt")["progress"]["epochs_done"] == 5
 
 
@@ -203,3 +204,39 @@ def test_resume_auto_without_a_checkpoint_or_data(tmp_path: Path) -> None:
     result = run_cli("train", "--resume", "auto", "-o", tmp_path / "empty")
     assert_clean_error(result, "no checkpoint", "give DATA")
     assert not (tmp_path / "empty").exists()
+
+
+def test_an_epoch_cut_short_by_max_steps_stays_open(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_tiny(corpus, run, "--epochs", "2", "--set", "training.max_steps=200")  # 141 steps per epoch
+    assert [p.name for p in run.glob("checkpoint_epoch_*.pt")] == ["checkpoint_epoch_1.pt"]
+    progress = read_checkpoint(run / "final_model.pt")["progress"]
+    assert (progress["epochs_done"], progress["step_in_epoch"]) == (1, 59)
+    assert_clean_error(run_cli("train", "--resume", "auto", "-o", run), "training.max_steps=200")
+    more = run_cli("train", "--resume", "auto", "-o", run, "--set", "training.max_steps=null")
+    assert more.exit_code == 0, more.stderr
+    assert read_checkpoint(run / "final_model.pt")["progress"]["step"] == 282  # two whole epochs, no more
+    assert (run / "checkpoint_epoch_2.pt").exists()
+
+
+def test_resuming_in_place_from_an_older_checkpoint_is_refused(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_tiny(corpus, run, "--epochs", "2")
+    before = snapshot(run)
+    result = run_cli("train", "--resume", run / "checkpoint_epoch_1.pt", "-o", run, "--device", "cpu")
+    assert_clean_error(result, "saved after checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "new directory")
+    assert snapshot(run) == before
+
+
+def test_resume_refuses_another_optimizer_and_takes_new_regularisation(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_tiny(corpus, run, "--epochs", "1")
+    ckpt = run / "final_model.pt"
+    resume = ["train", "--resume", ckpt, "--epochs", "2", "--device", "cpu"]
+    other = run_cli(*resume, "-o", tmp_path / "b", "--set", "training.optimizer=muon")
+    assert_clean_error(other, "training.optimizer: adamw in the checkpoint, muon now")
+    changed = run_cli(*resume, "-o", tmp_path / "c", "--set", "training.weight_decay=0.0",
+                      "--set", "model.dropout=0.2")
+    assert changed.exit_code == 0, changed.stderr
+    groups = read_checkpoint(tmp_path / "c" / "final_model.pt")["training_state"]["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]  # was 0.1 for the weight matrices

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import pty
@@ -15,7 +16,7 @@ import pytest
 import torch
 from helpers import TINY, assert_clean_error, run_cli, run_subprocess, snapshot, train_tiny
 
-from fundamentallm.checkpoint import FORMAT_VERSION, read_checkpoint
+from fundamentallm.checkpoint import FORMAT_VERSION, _checksum, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,11 @@ def _bad_checkpoints(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
     files["malicious pickle"] = (tmp / "evil.pt", "refusing to load")
     (tmp / "evil.pkl").write_bytes(pickle.dumps(_Evil()))
     files["malicious raw pickle"] = (tmp / "evil.pkl", "not a readable checkpoint")
+    crafted = torch.load(good, weights_only=True)
+    crafted["progress"] = "step 1"  # the wrong structure, under a checksum that matches it
+    crafted["checksum"] = _checksum(crafted)
+    torch.save(crafted, tmp / "crafted.pt")
+    files["crafted structure"] = (tmp / "crafted.pt", "structure")
     payload = torch.load(good, weights_only=True)
     payload["format_version"] = FORMAT_VERSION + 1
     torch.save(payload, tmp / "future.pt")
@@ -97,8 +103,16 @@ def _write(path: Path, content: str | bytes) -> Path:
     return path
 
 
+def _corrupt_gzip(path: Path) -> Path:
+    packed = bytearray(gzip.compress(b"To be, or not to be, that is the question. " * 200))
+    packed[20:40] = b"\xff" * 20  # damage the deflate stream, not the header
+    path.write_bytes(bytes(packed))
+    return path
+
+
 @pytest.mark.parametrize(("setup", "args", "needles"), [
     (lambda d: d / "missing.txt", [], ["missing.txt", "does not exist"]),
+    (lambda d: _corrupt_gzip(d / "damaged.txt.gz"), [], ["damaged.txt.gz", "cannot read"]),
     (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", [], ["empty_dir", "no text files"]),
     (lambda d: _write(d / "empty.txt", ""), [], ["empty.txt", "empty"]),
     (lambda d: _write(d / "blank.txt", "   \n\n\t \n"), [], ["blank.txt", "whitespace"]),
@@ -176,6 +190,15 @@ def _in_private_tmpfs(script: str, mount_options: str, tmp: Path) -> subprocess.
     return result
 
 
+def test_training_into_a_folder_of_ones_own_files_keeps_them(corpus: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / ".tmp-notes.md").write_text("keep me")
+    (mine / "notes.txt").write_text("mine too")
+    train_tiny(corpus, mine, "--epochs", "1")
+    assert (mine / ".tmp-notes.md").read_text() == "keep me" and (mine / "notes.txt").read_text() == "mine too"
+
+
 def test_unwritable_output_directory(corpus: Path, tmp_path: Path) -> None:
     result = _in_private_tmpfs(f'"$PY" -m fundamentallm train {corpus} -o "$FS/run" {" ".join(TINY)}',
                                "ro,size=1m", tmp_path)
@@ -195,7 +218,7 @@ def test_full_disk_while_saving_keeps_earlier_checkpoints(corpus: Path, tmp_path
     assert saved, "no checkpoint was saved before the disk filled up"
     for path in saved:
         read_checkpoint(path)
-    assert not list(keep.glob(".tmp-*"))
+    assert not list(keep.glob(".fundamentallm-tmp-*"))
 
 
 def test_cuda_device_without_a_gpu(corpus: Path, tmp_path: Path) -> None:

@@ -96,10 +96,25 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     for key in ("config", "tokenizer", "model", "progress", "data", "checksum"):
         if key not in payload:
             raise UserError(f"{path} is damaged: its '{key}' entry is missing")
+    if not _well_formed(payload):
+        raise UserError(f"{path} is damaged: its entries do not have the structure FundamentaLLM writes")
     if payload["checksum"] != _checksum(payload):
         raise UserError(f"{path} is corrupted: its contents do not match the checksum written with them; use "
                         f"another checkpoint (e.g. an earlier checkpoint_epoch_N.pt)")
     return payload
+
+
+def _well_formed(payload: dict[str, Any]) -> bool:
+    """The shapes the rest of the program relies on, so that a crafted file fails here with one clear error."""
+    config, progress, state = payload["config"], payload["progress"], payload.get("training_state")
+    return (isinstance(config, dict) and isinstance(config.get("model"), dict)
+            and isinstance(config.get("training"), dict) and isinstance(payload["tokenizer"], dict)
+            and isinstance(payload["model"], dict)
+            and all(isinstance(v, torch.Tensor) for v in payload["model"].values())
+            and isinstance(progress, dict) and isinstance(progress.get("step"), int)
+            and isinstance(payload["data"], dict) and isinstance(payload["data"].get("files", []), list)
+            and (state is None or (isinstance(state, dict)
+                                   and {"optimizer", "scaler", "sampler", "rng"} <= state.keys())))
 
 
 def _checksum(payload: dict[str, Any]) -> str:
@@ -174,6 +189,24 @@ def prune_periodic(directory: Path, keep_last_n: int) -> None:
         return
     for _, path in periodic_checkpoints(directory)[:-keep_last_n]:
         path.unlink(missing_ok=True)
+
+
+def recorded_step(path: Path) -> int | None:
+    """The step a checkpoint was saved at, read cheaply (memory-mapped, no checksum); None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(payload["progress"]["step"])
+    except Exception:  # damaged or foreign: not a checkpoint that could be mixed up with this run
+        return None
+
+
+def later_checkpoints(directory: Path, step: int) -> list[Path]:
+    """Checkpoints in `directory` saved after `step`: what resuming there from an earlier one would orphan."""
+    candidates = [p for _, p in periodic_checkpoints(directory)]
+    candidates += [p for p in (Path(directory) / INTERRUPTED, Path(directory) / FINAL) if p.exists()]
+    return [p for p in candidates if (recorded_step(p) or 0) > step]
 
 
 def find_resumable(directory: Path) -> tuple[Path, dict[str, Any]] | None:

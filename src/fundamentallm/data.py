@@ -19,6 +19,7 @@ import json
 import lzma
 import os
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 
 from fundamentallm.console import Progress, warn
 from fundamentallm.errors import UserError
-from fundamentallm.files import atomic_write, atomic_write_bytes
+from fundamentallm.files import atomic_write, atomic_write_bytes, remove_stale_temporaries
 from fundamentallm.tokenizer import CharTokenizer, code_points
 
 CACHE_FORMAT = 2  # 2: files hashed as stored on disk; meta records text_bytes
@@ -94,7 +95,7 @@ def iter_byte_chunks(path: Path, chunk_bytes: int | None = None) -> Iterator[tup
                 if cut:
                     yield offset, data[:cut]
                     offset += cut
-    except (EOFError, OSError, lzma.LZMAError) as exc:
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as exc:
         raise UserError(f"cannot read {path}: {exc} (is the compressed file complete?)") from None
     if carry:
         yield offset, carry  # an incomplete sequence at the very end: decoding reports it
@@ -300,6 +301,8 @@ def _build_cache(files: list[Path], names: str, cache_dir: Path, num_chars: int,
         for text in _stream_text(files, "Tokenizing", total_bytes):
             f.write(tokenizer.encode_array(text, dtype).tobytes())
 
+    # A build killed midway leaves its temporary file; one untouched for 10 minutes is not being written.
+    remove_stale_temporaries(cache_dir, idle_seconds=600)
     try:
         atomic_write(cache_dir / "tokens.bin", write_tokens)
         meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "num_tokens": num_chars, "num_train": num_train,

@@ -134,7 +134,7 @@ def all_gather_object(info: Dist, obj: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def collectively(info: Dist) -> Iterator[None]:
-    """Run a set-up step that may raise a UserError on some ranks only; afterwards all ranks agree.
+    """Run a set-up step that may fail on some ranks only (with any exception); afterwards all ranks agree.
 
     Every rank votes once when the block ends (this is also a barrier). A rank whose block raised re-raises its
     own error; the others raise PeerFailed, so that all stop with exit code 2 and nobody waits forever in a
@@ -144,7 +144,7 @@ def collectively(info: Dist) -> Iterator[None]:
         return
     try:
         yield
-    except UserError:
+    except BaseException:  # a UserError, or anything else (e.g. a corrupt file the reader did not expect)
         _vote(info, failed=True)
         raise
     failed = _vote(info, failed=False)

@@ -7,6 +7,7 @@ at any moment leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -19,7 +20,7 @@ from fundamentallm.errors import TrainingFailed, UserError
 
 # Test hook: seconds to pause after every 64 KiB written, so that a test can kill the process mid-write.
 _SLOW_WRITE_ENV = "FUNDAMENTALLM_TEST_SLOW_WRITE"
-TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".fundamentallm-tmp-"  # distinct enough that cleaning up never touches a user's own files
 
 
 class _SlowWriter:
@@ -54,8 +55,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise UserError(f"cannot write to {directory}: {exc.strerror}") from None
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
+            # mkstemp creates 0600; give the file the permissions open() would. Some filesystems (vfat, some
+            # network mounts) refuse, and the file is just as good without.
+            with contextlib.suppress(OSError):
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             pause = float(os.environ.get(_SLOW_WRITE_ENV, "0") or 0)
             write(_SlowWriter(f, pause) if pause > 0 else f)  # type: ignore[arg-type]
             f.flush()
@@ -64,20 +68,30 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         _fsync_directory(directory)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            reason = "the file size limit was reached" if exc.errno == errno.EFBIG else "the disk is full"
-            raise TrainingFailed(f"{reason} while writing {path}; nothing was overwritten and earlier files are "
-                                 f"intact. Free some space (or write elsewhere with -o), then resume with "
-                                 f"--resume auto") from None
+        full = disk_full(exc, path)
+        if full is not None:
+            raise full from None
         if isinstance(exc, PermissionError):
             raise UserError(f"cannot write {path}: permission denied") from None
         raise
 
 
-def _umask() -> int:
+def disk_full(exc: BaseException, path: Path) -> TrainingFailed | None:
+    """The error to report when `exc` means the disk (or the file size limit) is full while writing `path`."""
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return None
+    reason = "the file size limit was reached" if exc.errno == errno.EFBIG else "the disk is full"
+    return TrainingFailed(f"{reason} while writing {path}; earlier checkpoints are intact. Free some space (or "
+                          f"write elsewhere with -o), then resume with --resume auto")
+
+
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # once, at import: setting the umask to read it would race with other threads later
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -98,7 +112,10 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporary files left by a process that was killed while writing."""
+def remove_stale_temporaries(directory: Path, idle_seconds: float = 0) -> None:
+    """Delete temporary files left by a process that was killed while writing; with idle_seconds, only those
+    unchanged for that long (another process may be writing the others right now)."""
     for tmp in Path(directory).glob(TEMP_PREFIX + "*"):
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime >= idle_seconds:
+                tmp.unlink()

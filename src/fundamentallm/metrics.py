@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fundamentallm.console import warn
-from fundamentallm.files import atomic_write_bytes
+from fundamentallm.errors import TrainingFailed
+from fundamentallm.files import atomic_write_bytes, disk_full
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -61,8 +62,11 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         record = {**record, "time": time.time()}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise disk_full(exc, self.path) or exc from None
         if self._tb is not None and record.get("kind") in ("train", "eval"):
             for key, value in record.items():
                 if key not in ("step", "epoch", "kind", "time") and isinstance(value, (int, float)):
@@ -79,7 +83,7 @@ class MetricsLog:
         elif error is not None:
             record["status"], record["error"] = "failed", str(error) or type(error).__name__
         # e.g. the full disk that ended the run: never hide the original error behind this one
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, TrainingFailed):
             self.write(record)
 
     def close(self) -> None:

@@ -296,24 +296,67 @@ class _Progress:
     tokens_seen: int = 0
     train_loss: float = math.nan
     val_loss: float = math.nan
+    # Losses and gradient norms of the steps since the last train record, when an interruption cut the log
+    # window short: the resumed run writes the record the uninterrupted run would have written.
+    pending_losses: list[float] = field(default_factory=list)
+    pending_norms: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class _LogWindow:
+    """The steps since the last train record. Their losses and gradient norms stay on the device until the
+    record is written: one host-device synchronisation per record, not per step."""
+
+    def __init__(self, carried_losses: list[float], carried_norms: list[float]) -> None:
+        self.carried = (list(carried_losses), list(carried_norms))  # read already, before an interruption
+        self.losses: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, tokens: int) -> None:
+        self.losses.append(loss)
+        self.norms.append(norm)
+        self.tokens += tokens
+
+    def read(self, dist: distributed.Dist) -> tuple[list[float], list[float]]:
+        """Every step's loss (the mean over ranks) and gradient norm, oldest first."""
+        values, norms = list(self.carried[0]), list(self.carried[1])
+        if self.losses:
+            losses = torch.stack(self.losses)
+            if dist.enabled:  # mean over ranks, so the log shows the global batch's loss
+                distributed.all_reduce_sum(dist, losses)
+                losses /= dist.world_size
+            values += losses.tolist()
+            norms += torch.stack(self.norms).tolist()
+        return values, norms
+
+    def reset(self) -> None:
+        self.carried = ([], [])
+        self.losses, self.norms, self.tokens = [], [], 0
+        self.start = time.perf_counter()
 
 
 def check_resume_compatible(payload: dict[str, Any], config: Config, data: TokenData, path: Path) -> None:
     """Refuse to resume a checkpoint into a different model or onto a different corpus; say what differs."""
     saved_model = payload["config"]["model"]
     now = config.model.model_dump(mode="json")
+    regularisation = ("dropout", "attention_dropout")  # not part of the weights: may change on resume
     diffs = [f"model.{k}: {saved_model.get(k)!r} in the checkpoint, {v!r} now" for k, v in now.items()
-             if saved_model.get(k) != v]
+             if saved_model.get(k) != v and k not in regularisation]
+    saved_optimizer = payload["config"]["training"].get("optimizer", "adamw")
+    if saved_optimizer != config.training.optimizer:
+        diffs.append(f"training.optimizer: {saved_optimizer} in the checkpoint, {config.training.optimizer} now "
+                     f"(its saved state fits only the same optimizer)")
     saved_len = payload["config"]["training"]["sequence_length"]
     if saved_len != config.training.sequence_length:
         diffs.append(f"training.sequence_length: {saved_len} in the checkpoint, "
                      f"{config.training.sequence_length} now")
     if diffs:
-        raise UserError(f"cannot resume from {path}: the model differs ({'; '.join(diffs)}). Resume with the "
-                        f"run's own config (omit --config) or start a new run in another directory")
+        raise UserError(f"cannot resume from {path}: the model or optimizer differs ({'; '.join(diffs)}). "
+                        f"Resume with the run's own config (omit --config) or start a new run in another directory")
     saved_data = payload.get("data", {})
     if saved_data.get("fingerprint") != data.fingerprint:
         files = ", ".join(map(str, saved_data.get("files", []))) or "unknown files"
@@ -340,6 +383,13 @@ def check_output_dir(output_dir: Path, resume_from: tuple[Path, dict[str, Any]] 
     if existing and resume_from is not None and not in_place:
         raise UserError(f"{output_dir} already holds another run ({', '.join(sorted(existing)[:4])}); to branch "
                         f"off {resume_from[0]}, give an -o/--output-dir without a run in it")
+    if in_place:
+        later = ckpt.later_checkpoints(output_dir, int(resume_from[1]["progress"]["step"]))
+        if later:
+            raise UserError(f"{output_dir} holds checkpoints saved after {resume_from[0].name} "
+                            f"({', '.join(p.name for p in later)}); continuing from it here would mix two histories. "
+                            f"Branch off it into a new directory (-o), or use --resume auto to continue from the "
+                            f"newest")
     if existing and resume_from is None and not overwrite:
         raise UserError(f"{output_dir} already holds a run ({', '.join(sorted(existing)[:4])}); continue it "
                         f"with --resume auto, replace it with --overwrite, or choose another -o/--output-dir")
@@ -433,8 +483,10 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     planned = state.step + (cfg.epochs - state.epochs_done) * steps_per_epoch - state.step_in_epoch
     total_steps = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
     if state.step >= total_steps:
-        raise UserError(f"the run in {output_dir} already finished its {total_steps:,} steps "
-                        f"({cfg.epochs} epochs); to train further, resume with a larger --epochs")
+        limit = (f"training.max_steps={cfg.max_steps}; to train further, resume with a larger "
+                 f"--set training.max_steps (or =null)" if total_steps == cfg.max_steps
+                 else f"{cfg.epochs} epochs; to train further, resume with a larger --epochs")
+        raise UserError(f"the run in {output_dir} already finished its {total_steps:,} steps ({limit})")
     with distributed.collectively(dist):
         if dist.is_main:
             _start_output_dir(output_dir, earlier_run, resume=resume_from is not None)
@@ -479,9 +531,25 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                          tokens_per_second=0.0)
     stop = StopRequest()
     run_start = time.perf_counter() - state.elapsed_seconds
-    window_start, window_tokens = time.perf_counter(), 0
-    window_losses: list[torch.Tensor] = []
-    window_norms: list[torch.Tensor] = []
+    window = _LogWindow(state.pending_losses, state.pending_norms)
+    state.pending_losses, state.pending_norms = [], []
+
+    def write_train_record(epoch: int, lr: float, bar: Progress) -> None:
+        values, norms = window.read(dist)
+        _check_finite(values, state.step - len(values) + 1, output_dir)
+        now = time.perf_counter()
+        tps = window.tokens / max(now - window.start, 1e-9)
+        state.epoch_loss_sum += sum(values)
+        state.epoch_loss_steps += len(values)
+        state.train_loss = values[-1]
+        bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lr:.2e}")
+        if log is not None:
+            log.write({"kind": "train", "step": state.step, "epoch": epoch,
+                       "train_loss": sum(values) / len(values), "lr": lr,
+                       "grad_norm": sum(norms) / len(norms), "tokens_per_sec": tps,
+                       "elapsed": now - run_start, **_memory_stats(dev)})
+        result.tokens_per_second = tps
+        window.reset()
     step_model.train()
 
     def evaluate_now() -> bool:
@@ -519,41 +587,25 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                     state.step += 1
                     state.step_in_epoch += 1
                     state.tokens_seen += tokens_per_step
-                    window_tokens += tokens_per_step
-                    window_losses.append(loss)
-                    window_norms.append(norm)
+                    window.add(loss, norm, tokens_per_step)
                     bar.update()
 
                     last_in_epoch = state.step_in_epoch == epoch_steps
-                    if state.step % cfg.log_interval == 0 or last_in_epoch:
-                        losses = torch.stack(window_losses)
-                        if dist.enabled:  # mean over ranks, so the log shows the global batch's loss
-                            distributed.all_reduce_sum(dist, losses)
-                            losses /= dist.world_size
-                        values = losses.tolist()  # the one host-device sync per log window
-                        _check_finite(values, state.step - len(values) + 1, output_dir)
-                        norms = torch.stack(window_norms).tolist()
-                        now = time.perf_counter()
-                        tps = window_tokens / max(now - window_start, 1e-9)
-                        state.epoch_loss_sum += sum(values)
-                        state.epoch_loss_steps += len(values)
-                        state.train_loss = values[-1]
-                        bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lr:.2e}")
-                        if log is not None:
-                            log.write({"kind": "train", "step": state.step, "epoch": epoch,
-                                       "train_loss": sum(values) / len(values), "lr": lr,
-                                       "grad_norm": sum(norms) / len(norms), "tokens_per_sec": tps,
-                                       "elapsed": now - run_start, **_memory_stats(dev)})
-                        result.tokens_per_second = tps
-                        window_losses, window_norms, window_tokens = [], [], 0
-                        window_start = now
-                        if cfg.eval_interval and state.step % cfg.eval_interval == 0 and not last_in_epoch:
-                            result.stopped_early = evaluate_now()
-                            window_start = time.perf_counter()
-                            if result.stopped_early:
-                                break
+                    eval_due = bool(cfg.eval_interval) and state.step % cfg.eval_interval == 0 and not last_in_epoch
+                    if state.step % cfg.log_interval == 0 or last_in_epoch or eval_due:
+                        write_train_record(epoch, lr, bar)
+                    if eval_due:
+                        result.stopped_early = evaluate_now()
+                        window.start = time.perf_counter()
+                        if result.stopped_early:
+                            break
 
                     if distributed.any_rank(dist, stop.signum is not None):
+                        # The steps since the last record go into the checkpoint (checked: a NaN is never
+                        # saved), so the resumed run's records match an uninterrupted run's.
+                        state.pending_losses, state.pending_norms = window.read(dist)
+                        _check_finite(state.pending_losses, state.step - len(state.pending_losses) + 1,
+                                      output_dir)
                         state.elapsed_seconds = time.perf_counter() - run_start
                         bar.close(final_line=False)
                         return _interrupted(stop, save, state, output_dir, result)
@@ -563,13 +615,16 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                 state.train_loss = state.epoch_loss_sum / max(1, state.epoch_loss_steps)
                 if not result.stopped_early:
                     result.stopped_early = evaluate_now()
-                state.epochs_done += 1 if state.step_in_epoch == epoch_steps else 0
-                state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = 0, 0.0, 0
+                # An epoch that max_steps or early stopping cut short stays open: a resumed run finishes it.
+                epoch_complete = state.step_in_epoch == steps_per_epoch
+                if epoch_complete:
+                    state.epochs_done += 1
+                    state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = 0, 0.0, 0
                 state.elapsed_seconds = time.perf_counter() - run_start
                 info(f"  train_loss={state.train_loss:.4f}, val_loss={state.val_loss:.4f}, "
                      f"perplexity={perplexity(state.val_loss):.2f}, bpc={bits_per_char(state.val_loss):.3f}"
                      + ("  (best)" if state.val_loss == state.best_val_loss else ""))
-                if state.epochs_done % cfg.save_every_n_epochs == 0 and state.epochs_done == epoch:
+                if epoch_complete and state.epochs_done % cfg.save_every_n_epochs == 0:
                     save(output_dir / ckpt.periodic_name(epoch))
                     if dist.is_main:
                         ckpt.prune_periodic(output_dir, cfg.keep_last_n)
@@ -578,7 +633,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                     info(f"Early stopping: validation loss has not improved for {cfg.early_stopping_patience} "
                          f"evaluation(s); best {state.best_val_loss:.4f}")
                 distributed.barrier(dist)
-                window_start = time.perf_counter()  # tokens/s measures training, not evaluation and saving
+                window.start = time.perf_counter()  # tokens/s measures training, not evaluation and saving
 
             state.elapsed_seconds = time.perf_counter() - run_start
             save(output_dir / ckpt.FINAL)
@@ -637,8 +692,14 @@ def _restore(payload: dict[str, Any], model: GPT, optimizer: torch.optim.Optimiz
              seed: int) -> _Progress:
     training_state = payload["training_state"]
     model.load_state_dict(payload["model"])
+    # load_state_dict also restores the saved hyperparameters; keep this run's (weight decay and betas may
+    # be changed on resume; the learning rate is set every step anyway).
+    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(training_state["optimizer"])
-    scaler.load_state_dict(training_state["scaler"])
+    for group, chosen in zip(optimizer.param_groups, hyperparameters, strict=True):
+        group.update(chosen)
+    if training_state["scaler"]:  # empty when the run that saved it needed no gradient scaling (fp32, bf16)
+        scaler.load_state_dict(training_state["scaler"])
     sampler.load_state_dict(training_state["sampler"])
     known = _Progress.__dataclass_fields__
     progress = _Progress(**{k: v for k, v in payload["progress"].items() if k in known})
