@@ -127,6 +127,11 @@ def test_early_stopping_ends_training(corpus: Path, tmp_path: Path) -> None:
     assert "Early stopping" in result.output
     assert "Epoch 3/10: 100%" in result.output and "Epoch 4/10" not in result.output
     assert (tmp_path / "run" / "final_model.pt").exists()
+    # Resuming says why the run ended rather than training one more epoch just to stop again.
+    again = run_cli("train", "--resume", "auto", "-o", tmp_path / "run")
+    assert again.exit_code == 2 and "stopped early at step" in again.stderr, again.stderr
+    more = run_cli("train", "--resume", "auto", "-o", tmp_path / "run", "--set", "training.early_stopping_patience=4")
+    assert more.exit_code == 0 and "Epoch 4/10" in more.output, more.stderr
 
 
 def test_gradient_accumulation_counts_optimizer_steps(corpus: Path, tmp_path: Path) -> None:

@@ -126,11 +126,6 @@ def decode_chunk(path: Path, offset: int, data: bytes) -> str:
     return text
 
 
-def read_text(paths: list[Path]) -> str:
-    """The whole text of small inputs (prompts files, evaluation files), strictly decoded."""
-    return "".join(decode_chunk(p, off, data) for p in paths for off, data in iter_byte_chunks(p))
-
-
 def _count_chars(data: bytes) -> int:
     # Every UTF-8 character has exactly one byte that is not a continuation byte (10xxxxxx).
     arr = np.frombuffer(data, dtype=np.uint8)

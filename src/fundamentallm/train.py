@@ -482,6 +482,11 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     state.step_in_epoch = min(state.step_in_epoch, steps_per_epoch)
     planned = state.step + (cfg.epochs - state.epochs_done) * steps_per_epoch - state.step_in_epoch
     total_steps = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
+    patience = cfg.early_stopping_patience
+    if resume_from is not None and patience and state.evals_without_improvement >= patience:
+        raise UserError(f"the run in {output_dir} stopped early at step {state.step:,}: validation loss had not "
+                        f"improved for {state.evals_without_improvement} evaluation(s). To train on anyway, resume "
+                        f"with a larger --set training.early_stopping_patience (or 0 to switch it off)")
     if state.step >= total_steps:
         limit = (f"training.max_steps={cfg.max_steps}; to train further, resume with a larger "
                  f"--set training.max_steps (or =null)" if total_steps == cfg.max_steps
@@ -722,8 +727,8 @@ def check_data_size(data: TokenData, cfg: TrainingConfig) -> None:
     if len(data.train) < need:
         raise UserError(
             f"the training part of the data holds {len(data.train):,} characters, fewer than one training window "
-            f"(sequence_length {cfg.sequence_length} + 1); use more text or a smaller --sequence-length "
-            f"(at most {max(1, len(data.train) - 1)})")
+            f"(sequence_length {cfg.sequence_length} + 1); use more text"
+            + (f" or a smaller --sequence-length (at most {len(data.train) - 1})" if len(data.train) > 2 else ""))
     if len(data.val) < 2:
         raise UserError(f"the validation part of the data holds {len(data.val)} character(s); raise "
                         f"training.validation_split or use more text")
