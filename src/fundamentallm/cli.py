@@ -117,9 +117,12 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     if resume == "auto":
         resume_from = find_resumable(output_dir)
         if resume_from is None:
-            if any((output_dir / name).exists() for name in RUN_FILES) or list(output_dir.glob("*.pt")):
-                raise UserError(f"--resume auto: {output_dir} holds a run but no checkpoint that can be resumed "
-                                f"(see the warnings above); use --overwrite to start again")
+            if list(output_dir.glob("*.pt")):
+                raise UserError(f"--resume auto: {output_dir} holds no checkpoint that can be resumed (see the "
+                                f"warnings above); use --overwrite to start again")
+            if any((output_dir / name).exists() for name in RUN_FILES):
+                raise UserError(f"--resume auto: the run in {output_dir} stopped before its first checkpoint; "
+                                f"use --overwrite to start it again")
             if not data:
                 raise UserError(f"--resume auto: no checkpoint in {output_dir} to continue, and no DATA to start "
                                 f"a new run with; give DATA (a text file, several, or a directory)")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fundamentallm.console import Progress, warn
-from fundamentallm.errors import UserError
+from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write, atomic_write_bytes, remove_stale_temporaries
 from fundamentallm.tokenizer import CharTokenizer, code_points
 
@@ -303,6 +303,9 @@ def _build_cache(files: list[Path], names: str, cache_dir: Path, num_chars: int,
         meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "num_tokens": num_chars, "num_train": num_train,
                 "text_bytes": total_bytes, "tokenizer": tokenizer.to_dict(), "files": [str(f) for f in files]}
         atomic_write_bytes(cache_dir / "meta.json", json.dumps(meta).encode())  # last: marks the cache whole
+    except TrainingFailed:
+        raise UserError(f"the disk is full while writing the token cache in {cache_dir}; free some space, or set "
+                        f"FUNDAMENTALLM_CACHE_DIR to a directory on a disk with room") from None
     except UserError as exc:
         raise UserError(f"cannot write the token cache ({exc}); set FUNDAMENTALLM_CACHE_DIR to a writable "
                         f"directory") from None

@@ -44,7 +44,8 @@ from fundamentallm.model import GPT
 from fundamentallm.plot import plot_finished_run
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", ckpt.BEST, ckpt.FINAL, ckpt.INTERRUPTED, "training.png")
-DEVICE_RESIDENT_MAX_BYTES = 2 << 30  # corpora up to this size live on the GPU; larger ones stay memory-mapped
+# Corpora whose tokens take up to this much GPU memory live there; larger ones stay memory-mapped on the host.
+DEVICE_RESIDENT_MAX_BYTES = 2 << 30
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -449,7 +450,8 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
-    resident = dev.type != "cpu" and data.train.nbytes + data.val.nbytes <= DEVICE_RESIDENT_MAX_BYTES
+    on_device_bytes = (len(data.train) + len(data.val)) * (1 if data.train.dtype == np.uint8 else 4)  # as_tensor
+    resident = dev.type != "cpu" and on_device_bytes <= DEVICE_RESIDENT_MAX_BYTES
     train_tokens = as_tensor(data.train, dev) if resident else data.train
     val_tokens = as_tensor(data.val, dev) if resident else data.val
 
