@@ -630,7 +630,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
                 state.elapsed_seconds = time.perf_counter() - run_start
                 info(f"  train_loss={state.train_loss:.4f}, val_loss={state.val_loss:.4f}, "
                      f"perplexity={perplexity(state.val_loss):.2f}, bpc={bits_per_char(state.val_loss):.3f}"
-                     + ("  (best)" if state.val_loss == state.best_val_loss else ""))
+                     + ("  (best)" if state.evals_without_improvement == 0 else ""))  # a new low, not a tie
                 if epoch_complete and state.epochs_done % cfg.save_every_n_epochs == 0:
                     save(output_dir / ckpt.periodic_name(epoch))
                     if dist.is_main:
