@@ -210,21 +210,29 @@ def later_checkpoints(directory: Path, step: int) -> list[Path]:
 
 
 def find_resumable(directory: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint in `directory` that is furthest along and loads; damaged files are skipped with a warning."""
+    """The checkpoint in `directory` that is furthest along and loads; damaged files are skipped with a warning.
+
+    Candidates are ranked by the step they record (read cheaply), and only then fully loaded and verified, best
+    first: for a large model that reads one checkpoint instead of all of them."""
     directory = Path(directory)
     candidates = [p for _, p in periodic_checkpoints(directory)]
     candidates += [p for p in (directory / INTERRUPTED, directory / FINAL) if p.exists()]
-    best: tuple[tuple[int, float], Path, dict[str, Any]] | None = None
+    ranked = []
     for path in candidates:
+        step = recorded_step(path)
+        if step is None:  # not even the step can be read: say what is wrong with it
+            try:
+                step = int(read_checkpoint(path)["progress"]["step"])
+            except UserError as exc:
+                warn(f"skipping {path.name}: {exc}")
+                continue
+        ranked.append((step, path.stat().st_mtime, path))
+    for _, _, path in sorted(ranked, reverse=True):
         try:
             payload = read_checkpoint(path)
         except UserError as exc:
             warn(f"skipping {path.name}: {exc}")
             continue
-        if "training_state" not in payload:
-            continue
-        progress = payload["progress"]
-        rank = (int(progress.get("step", 0)), path.stat().st_mtime)
-        if best is None or rank > best[0]:
-            best = (rank, path, payload)
-    return (best[1], best[2]) if best else None
+        if "training_state" in payload:
+            return path, payload
+    return None
