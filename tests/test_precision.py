@@ -37,19 +37,21 @@ def test_cpu_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch, cap
     assert train.autocast_dtype(cpu, True) == torch.bfloat16
 
 
-def test_fp16_with_gradient_scaler_learns() -> None:
+def test_fp16_gradient_scaler_recovers_from_overflow_and_learns() -> None:
     cfg = Config(model=ModelConfig(d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout=0.0),
                  training=TrainingConfig(sequence_length=16, batch_size=8, learning_rate=3e-3, warmup_steps=0))
     model = GPT.from_config(cfg, 12)
     tokens = np.tile(np.arange(12, dtype=np.uint8), 50)  # a repeating pattern: easy to learn
     sampler = BatchSampler(tokens, 8, 16, torch.device("cpu"), seed=0)
     optimizer = train.make_optimizer(model, cfg.training, torch.device("cpu"))
-    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    # A scale far too large: the first fp16 backward passes overflow, and the scaler must skip those steps and
+    # lower the scale until training proceeds.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
     losses = [train.optimizer_step(model, model, optimizer, scaler, sampler, cfg.training, torch.float16)[0].item()
               for _ in range(40)]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0]
-    assert scaler.get_scale() > 0  # the scaler ran: it was updated every step
+    assert scaler.get_scale() < 2.0**30  # it found the overflows and lowered the scale
 
 
 def test_compile_falls_back_to_eager_with_a_warning(monkeypatch: pytest.MonkeyPatch,

@@ -163,7 +163,7 @@ def measure_quality(data: Path, recipe: str, target: float, device: torch.device
 
 
 def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = None, steps: int | None = None,
-              generation: bool = True, recipe: str | None = None, target: float | None = None,
+              generation: bool = True, recipe: str | None = None, target: float = 1.47,
               output: Path = Path("bench.json"), extra: list[str] | None = None) -> dict[str, Any]:
     device = select_device(device_name)
     kind = "cuda" if device.type == "cuda" else "cpu"
@@ -194,7 +194,7 @@ def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = No
                 results["generation"].append(asdict(measure_generation(preset, device)))
         if recipe:
             info(f"  time to validation loss {target} with {recipe} ...")
-            results["quality"].append(asdict(measure_quality(data, recipe, target or 1.47, device, Path(tmp),
+            results["quality"].append(asdict(measure_quality(data, recipe, target, device, Path(tmp),
                                                              extra)))
     atomic_write_bytes(output, json.dumps(results, indent=2).encode("utf-8"))
     info(format_tables(results))

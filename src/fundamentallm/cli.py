@@ -74,6 +74,14 @@ def _finite(value: float, flag: str) -> float:
     return value
 
 
+def _overrides(assignments: tuple[str, ...], **flags: Any) -> list[tuple[str, Any, str]]:
+    """(key, value, source) overrides from named flags (None: not given) and --set KEY=VALUE options."""
+    from fundamentallm.config import parse_override
+
+    found: list[tuple[str, Any, str]] = [(f"training.{k}", v, "--" + k.replace("_", "-")) for k, v in flags.items()]
+    return found + [(*parse_override(a), "--set") for a in assignments]
+
+
 def _float_flag(value: str | None, flag: str) -> float | None:
     if value is None:
         return None
@@ -107,7 +115,7 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
           assignments: tuple[str, ...], resume: str | None, overwrite: bool, tensorboard: bool) -> None:
     """Train a model on DATA: one or more text files, or directories of .txt files."""
     from fundamentallm.checkpoint import find_resumable, read_checkpoint
-    from fundamentallm.config import parse_override, resolve_config
+    from fundamentallm.config import resolve_config
     from fundamentallm.train import RUN_FILES
     from fundamentallm.train import train as run_training
 
@@ -141,15 +149,9 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     auto_lr = learning_rate is not None and learning_rate.strip().lower() == "auto"
     if auto_lr and resume_from is not None:
         raise UserError("--learning-rate auto tunes a new run; a resumed run keeps its rate (or give a number)")
-    overrides: list[tuple[str, Any, str]] = [
-        ("training.learning_rate", None if auto_lr else _float_flag(learning_rate, "--learning-rate"),
-         "--learning-rate"),
-        ("training.batch_size", batch_size, "--batch-size"),
-        ("training.epochs", epochs, "--epochs"),
-        ("training.sequence_length", sequence_length, "--sequence-length"),
-        ("training.seed", seed, "--seed"),
-    ]
-    overrides += [(*parse_override(a), "--set") for a in assignments]
+    overrides = _overrides(assignments, learning_rate=None if auto_lr else _float_flag(learning_rate,
+                                                                                      "--learning-rate"),
+                           batch_size=batch_size, epochs=epochs, sequence_length=sequence_length, seed=seed)
     base = (resume_from[1]["config"], f"checkpoint {resume_from[0]}") if resume_from else None
     config = resolve_config(config_name, overrides, base=base)
     if auto_lr:
@@ -256,16 +258,6 @@ def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size:
 
 # ----------------------------------------------------------------------------------------------------------
 # Tuning and watching a run: lr-find, sweep, plot, status
-
-
-def _overrides(assignments: tuple[str, ...], **flags: Any) -> list[tuple[str, Any, str]]:
-    """(key, value, source) overrides from named flags (None: not given) and --set KEY=VALUE options."""
-    from fundamentallm.config import parse_override
-
-    names = {"batch_size": "--batch-size", "sequence_length": "--sequence-length", "epochs": "--epochs",
-             "seed": "--seed"}
-    found: list[tuple[str, Any, str]] = [(f"training.{k}", v, names[k]) for k, v in flags.items()]
-    return found + [(*parse_override(a), "--set") for a in assignments]
 
 
 @cli.command("lr-find")

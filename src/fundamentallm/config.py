@@ -190,11 +190,15 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     if "." not in key:
         raise UserError(f"--set {assignment!r}: the key needs its section, for example training.{key} or "
                         f"model.{key}")
+    return key, parse_value(raw) if raw.strip() else None
+
+
+def parse_value(text: str) -> Any:
+    """A value typed on the command line, read as YAML (1e-3, true, null, [1, 2]); the text itself otherwise."""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        return yaml.safe_load(text)
     except yaml.YAMLError:
-        value = raw
-    return key, value
+        return text
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:

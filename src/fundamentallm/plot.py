@@ -102,7 +102,6 @@ class RunCurves:
         rose = len(later) >= TURN_MIN_EVALS and later[-1] > self.val_loss[best] * (1 + TURN_TOLERANCE)
         return best if rose else None
 
-
     def train_loss_at_evals(self) -> list[float]:
         """Training loss to compare with each evaluation: the mean of the training records since the previous
         evaluation (single records are too noisy to read a gap from)."""

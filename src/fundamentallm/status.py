@@ -1,7 +1,7 @@
 """Where a run stands, read from its directory alone: `fundamentallm status RUN_DIR`.
 
-Everything comes from files the run writes as it goes: metrics.jsonl (appended and flushed line by line), its
-config.yaml, and the checkpoints. No process is contacted, so this works on a run started elsewhere (another
+Everything comes from files the run writes as it goes: metrics.jsonl (appended and flushed line by line) and
+the checkpoints. No process is contacted, so this works on a run started elsewhere (another
 shell, a cluster job writing to shared storage) whether it is still going or not.
 
 A run's state:
@@ -18,8 +18,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from fundamentallm.errors import UserError
 from fundamentallm.metrics import METRICS_FILE, read_metrics
@@ -63,16 +61,6 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _training_config(run_dir: Path) -> dict[str, Any]:
-    """The training section of the run's config.yaml, rewritten at every (re)start, so it knows about a resume
-    with more epochs, unlike the metrics' first record."""
-    try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data.get("training", {}) if isinstance(data, dict) else {}
-
-
 def run_status(run_dir: Path, now: float | None = None) -> RunStatus:
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
@@ -89,14 +77,9 @@ def run_status(run_dir: Path, now: float | None = None) -> RunStatus:
     trains = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     ends = [r for r in records if r.get("kind") == "end"]
-    training = _training_config(run_dir) or run.get("config", {}).get("training", {})
-
-    status.epochs = training.get("epochs")
-    steps_per_epoch = run.get("steps_per_epoch")
-    if steps_per_epoch and status.epochs:
-        status.total_steps = status.epochs * steps_per_epoch
-        if training.get("max_steps"):
-            status.total_steps = min(status.total_steps, training["max_steps"])
+    # The run record is written by the current session (rewritten on resume), so it knows about more epochs.
+    status.epochs = run.get("config", {}).get("training", {}).get("epochs")
+    status.total_steps = run.get("total_steps")
     stepped = [r for r in records if "step" in r]
     if stepped:
         last = stepped[-1]

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from fundamentallm.checkpoint import find_resumable
-from fundamentallm.config import Config, config_from_dict, resolve_config
+from fundamentallm.config import Config, config_from_dict, parse_value, resolve_config
 from fundamentallm.console import info, warn
 from fundamentallm.data import prepare_tokens
 from fundamentallm.errors import TrainingFailed, UserError
@@ -81,13 +81,7 @@ def parse_grid(grids: list[str]) -> list[GridAxis]:
             raise UserError(f"--grid {grid!r}: an empty value (two commas in a row, or one at the end)")
         if len(set(texts)) != len(texts):
             raise UserError(f"--grid {grid!r}: a value is listed twice")
-        values = []
-        for text in texts:
-            try:
-                values.append((text, yaml.safe_load(text)))
-            except yaml.YAMLError:
-                values.append((text, text))
-        axes.append(GridAxis(key, values))
+        axes.append(GridAxis(key, [(text, parse_value(text)) for text in texts]))
     return axes
 
 
