@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import ROOT, run_cli, run_subprocess, train_tiny
 
-from fundamentallm.checkpoint import load_model, save_checkpoint
+from fundamentallm.checkpoint import Checkpoint, DataInfo, TrainingProgress, load_model, write_checkpoint
 from fundamentallm.config import resolve_config
 from fundamentallm.metrics import read_metrics
 from fundamentallm.model import GPT
@@ -146,8 +146,8 @@ def test_save_then_load_gives_identical_logits(tmp_path: Path) -> None:
     config = resolve_config("small", [("training.sequence_length", 32, "--set")])
     tokenizer = CharTokenizer.fit(count_code_points("abcdefghij"))
     model = GPT.from_config(config, tokenizer.vocab_size).eval()
-    save_checkpoint(tmp_path / "m.pt", model=model, config=config, tokenizer=tokenizer, data={},
-                    progress={"step": 0})
+    write_checkpoint(tmp_path / "m.pt", Checkpoint(config, tokenizer, model.state_dict(), DataInfo(),
+                                                   TrainingProgress()))
     loaded = load_model(tmp_path / "m.pt")
     x = torch.randint(0, tokenizer.vocab_size, (2, 32))
     with torch.no_grad():

@@ -25,16 +25,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import SHAKESPEARE, run_cli
+from helpers import SHAKESPEARE, TINY_SETS, run_cli
 
 from fundamentallm.checkpoint import read_checkpoint
 from fundamentallm.metrics import read_metrics
 
 TOLERANCE = 1e-3
 
-TINY = ["--device", "cpu", "--sequence-length", "32", "--set", "model.d_model=32", "--set", "model.num_heads=2",
-        "--set", "model.num_layers=1", "--set", "model.d_ff=64", "--set", "training.warmup_steps=2",
-        "--set", "training.log_interval=1", "--set", "training.gradient_accumulation_steps=2"]
+TINY = ["--device", "cpu", *TINY_SETS, "--set", "training.gradient_accumulation_steps=2"]
 
 
 def torchrun(*args: str | Path, nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -123,7 +121,7 @@ def test_resuming_a_two_process_run_continues_exactly(text: Path, tmp_path: Path
     # A single process can take the run further: an epoch is now 43 steps of 8 sequences instead of 22 of 16.
     more = run_cli("train", "--resume", "auto", "-o", resumed, "--epochs", "3", "--device", "cpu")
     assert more.exit_code == 0, more.stderr
-    assert read_checkpoint(resumed / "final_model.pt")["progress"]["step"] == 44 + 43
+    assert read_checkpoint(resumed / "final_model.pt").progress.step == 44 + 43
 
 
 def test_a_bad_input_stops_every_process_with_one_message(tmp_path: Path) -> None:

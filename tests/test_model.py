@@ -85,7 +85,9 @@ def test_ignores_targets_marked_minus_one() -> None:
 def test_embeddings_are_tied_and_counted_once() -> None:
     model = tiny()
     assert model.lm_head.weight is model.tok_emb.weight
-    assert model.num_parameters() == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # The state dict names the shared matrix twice (tok_emb.weight, lm_head.weight); the count holds it once.
+    in_state_dict = sum(t.numel() for t in model.state_dict().values())
+    assert model.num_parameters() == in_state_dict - model.tok_emb.weight.numel()
 
 
 @pytest.mark.parametrize("preset", ["small", "medium", "large"])
@@ -102,3 +104,4 @@ def test_context_overflow_is_refused() -> None:
     model = tiny(context=8)
     with pytest.raises(ValueError, match="context length"):
         model(torch.zeros(1, 9, dtype=torch.long))
+

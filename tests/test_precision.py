@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fundamentallm import train
+from fundamentallm import device, optim
 from fundamentallm.config import Config, ModelConfig, TrainingConfig
 from fundamentallm.data import BatchSampler
 from fundamentallm.model import GPT
@@ -21,20 +21,20 @@ from fundamentallm.model import GPT
 def test_precision_choice_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train.autocast_dtype(cuda, "auto") == torch.bfloat16
+    assert device.autocast_dtype(cuda, "auto") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train.autocast_dtype(cuda, "auto") == torch.float16  # e.g. a V100 or T4: fp16 with a gradient scaler
-    assert train.autocast_dtype(cuda, False) is None
-    assert train.autocast_dtype(cpu, "auto") is None  # CPUs train in fp32 unless asked
+    assert device.autocast_dtype(cuda, "auto") == torch.float16  # e.g. a V100 or T4: fp16 with a gradient scaler
+    assert device.autocast_dtype(cuda, False) is None
+    assert device.autocast_dtype(cpu, "auto") is None  # CPUs train in fp32 unless asked
 
 
 def test_cpu_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "_cpu_has_native_bf16", lambda: False)
-    assert train.autocast_dtype(cpu, True) is None
+    monkeypatch.setattr(device, "_cpu_has_native_bf16", lambda: False)
+    assert device.autocast_dtype(cpu, True) is None
     assert "no native bf16" in capsys.readouterr().err
-    monkeypatch.setattr(train, "_cpu_has_native_bf16", lambda: True)
-    assert train.autocast_dtype(cpu, True) == torch.bfloat16
+    monkeypatch.setattr(device, "_cpu_has_native_bf16", lambda: True)
+    assert device.autocast_dtype(cpu, True) == torch.bfloat16
 
 
 def test_fp16_gradient_scaler_recovers_from_overflow_and_learns() -> None:
@@ -43,11 +43,11 @@ def test_fp16_gradient_scaler_recovers_from_overflow_and_learns() -> None:
     model = GPT.from_config(cfg, 12)
     tokens = np.tile(np.arange(12, dtype=np.uint8), 50)  # a repeating pattern: easy to learn
     sampler = BatchSampler(tokens, 8, 16, torch.device("cpu"), seed=0)
-    optimizer = train.make_optimizer(model, cfg.training, torch.device("cpu"))
+    optimizer = optim.make_optimizer(model, cfg.training, torch.device("cpu"))
     # A scale far too large: the first fp16 backward passes overflow, and the scaler must skip those steps and
     # lower the scale until training proceeds.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
-    losses = [train.optimizer_step(model, model, optimizer, scaler, sampler, cfg.training, torch.float16)[0].item()
+    losses = [optim.optimizer_step(model, model, optimizer, scaler, sampler, cfg.training, torch.float16)[0].item()
               for _ in range(40)]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0]
@@ -62,7 +62,7 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch, "compile", broken)
     model = torch.nn.Linear(2, 2)
     cfg = TrainingConfig(compile=True)
-    assert train._compile(model, cfg, torch.device("cpu")) is model
+    assert device.compile_model(model, cfg, torch.device("cpu")) is model
     assert "torch.compile is unavailable here (no compiler on this machine)" in capsys.readouterr().err
     # auto means: only on CUDA
-    assert train._compile(model, TrainingConfig(), torch.device("cpu")) is model
+    assert device.compile_model(model, TrainingConfig(), torch.device("cpu")) is model

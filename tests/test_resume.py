@@ -85,7 +85,7 @@ def test_signal_saves_interrupted_checkpoint_and_resume_is_exact(corpus: Path, t
     assert proc.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr
     assert "Resume with: fundamentallm train --resume auto -o" in stdout
-    stopped_at = read_checkpoint(run / "interrupted.pt")["progress"]["step"]
+    stopped_at = read_checkpoint(run / "interrupted.pt").progress.step
     assert 30 <= stopped_at < 400
 
     resumed = run_cli("train", "--resume", "auto", "-o", run, "--device", "cpu")
@@ -120,13 +120,12 @@ def test_sigkill_during_save_leaves_earlier_checkpoints_loadable(corpus: Path, t
     proc.communicate(timeout=30)
     assert list(run.glob(".fundamentallm-tmp-*")), "the kill should have interrupted a write"
     for path in run.glob("*.pt"):
-        payload = read_checkpoint(path)  # every file that has its final name is whole
-        assert payload["progress"]["step"] > 0
+        assert read_checkpoint(path).progress.step > 0  # every file that has its final name is whole
 
     resumed = run_cli("train", "--resume", "auto", "-o", run, "--device", "cpu")
     assert resumed.exit_code == 0, resumed.stderr
     assert not list(run.glob(".fundamentallm-tmp-*"))  # stale temporaries are cleaned up
-    assert read_checkpoint(run / "final_model.pt")["progress"]["epochs_done"] == 5
+    assert read_checkpoint(run / "final_model.pt").progress.epochs_done == 5
 
 
 def test_resume_auto_skips_a_damaged_checkpoint(corpus: Path, tmp_path: Path) -> None:
@@ -160,7 +159,7 @@ def test_resume_extends_a_finished_run_and_refuses_to_redo_it(corpus: Path, tmp_
     assert again.exit_code == 2 and "already finished" in again.stderr
     longer = run_cli("train", "--resume", "auto", "-o", run, "--epochs", "2", "--device", "cpu")
     assert longer.exit_code == 0, longer.stderr
-    assert read_checkpoint(run / "final_model.pt")["progress"]["step"] == 282
+    assert read_checkpoint(run / "final_model.pt").progress.step == 282
 
 
 def test_branching_off_a_checkpoint_keeps_its_history_and_never_mixes_runs(corpus: Path, tmp_path: Path) -> None:
@@ -182,10 +181,10 @@ def test_branching_off_a_checkpoint_keeps_its_history_and_never_mixes_runs(corpu
     records = read_metrics(branch)
     assert records[0]["kind"] == "run" and records[0]["config"]["training"]["epochs"] == 3
     assert sum(r["kind"] == "run" for r in records) == 1
-    at = read_checkpoint(ckpt)["progress"]["step"]
+    at = read_checkpoint(ckpt).progress.step
     source_steps = {s: loss for s, loss in step_losses(source).items() if s <= at}
     assert {s: loss for s, loss in step_losses(branch).items() if s <= at} == source_steps
-    assert max(step_losses(branch)) == read_checkpoint(branch / "final_model.pt")["progress"]["step"]
+    assert max(step_losses(branch)) == read_checkpoint(branch / "final_model.pt").progress.step
 
 
 def test_resuming_in_place_rewrites_the_run_record(corpus: Path, tmp_path: Path) -> None:
@@ -196,7 +195,7 @@ def test_resuming_in_place_rewrites_the_run_record(corpus: Path, tmp_path: Path)
     records = read_metrics(run)
     runs = [r for r in records if r["kind"] == "run"]
     assert records[0] is runs[0] and len(runs) == 1
-    assert runs[0]["total_steps"] == read_checkpoint(run / "final_model.pt")["progress"]["step"]
+    assert runs[0]["total_steps"] == read_checkpoint(run / "final_model.pt").progress.step
     assert [r["status"] for r in records if r["kind"] == "end"] == ["finished"]
 
 
@@ -210,12 +209,12 @@ def test_an_epoch_cut_short_by_max_steps_stays_open(corpus: Path, tmp_path: Path
     run = tmp_path / "run"
     train_tiny(corpus, run, "--epochs", "2", "--set", "training.max_steps=200")  # 141 steps per epoch
     assert [p.name for p in run.glob("checkpoint_epoch_*.pt")] == ["checkpoint_epoch_1.pt"]
-    progress = read_checkpoint(run / "final_model.pt")["progress"]
-    assert (progress["epochs_done"], progress["step_in_epoch"]) == (1, 59)
+    progress = read_checkpoint(run / "final_model.pt").progress
+    assert (progress.epochs_done, progress.step_in_epoch) == (1, 59)
     assert_clean_error(run_cli("train", "--resume", "auto", "-o", run), "training.max_steps=200")
     more = run_cli("train", "--resume", "auto", "-o", run, "--set", "training.max_steps=null")
     assert more.exit_code == 0, more.stderr
-    assert read_checkpoint(run / "final_model.pt")["progress"]["step"] == 282  # two whole epochs, no more
+    assert read_checkpoint(run / "final_model.pt").progress.step == 282  # two whole epochs, no more
     assert (run / "checkpoint_epoch_2.pt").exists()
 
 
@@ -238,5 +237,5 @@ def test_resume_refuses_another_optimizer_and_takes_new_regularisation(corpus: P
     changed = run_cli(*resume, "-o", tmp_path / "c", "--set", "training.weight_decay=0.0",
                       "--set", "model.dropout=0.2")
     assert changed.exit_code == 0, changed.stderr
-    groups = read_checkpoint(tmp_path / "c" / "final_model.pt")["training_state"]["optimizer"]["param_groups"]
+    groups = read_checkpoint(tmp_path / "c" / "final_model.pt").training_state.optimizer["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0]  # was 0.1 for the weight matrices

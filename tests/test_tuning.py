@@ -17,17 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, assert_clean_error, run_cli, snapshot, train_tiny
+from helpers import ROOT, TINY, TINY_SETS, assert_clean_error, run_cli, snapshot, train_tiny
 
 from fundamentallm.metrics import read_metrics
 from fundamentallm.plot import load_curves
 from fundamentallm.status import run_status
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# TINY as --set assignments, for commands without --batch-size / --sequence-length flags (sweep).
-TINY_SETS = ["--set", "model.d_model=32", "--set", "model.num_heads=2", "--set", "model.num_layers=1",
-             "--set", "model.d_ff=64", "--set", "model.dropout=0.0", "--set", "training.warmup_steps=2",
-             "--set", "training.sequence_length=32", "--set", "training.log_interval=1"]
 
 
 @pytest.fixture(autouse=True)

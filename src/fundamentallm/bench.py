@@ -29,12 +29,12 @@ import torch
 
 from fundamentallm.config import preset_names, resolve_config
 from fundamentallm.console import info
+from fundamentallm.device import select_device
 from fundamentallm.errors import UserError
 from fundamentallm.files import atomic_write_bytes
 from fundamentallm.generate import generate_tokens
 from fundamentallm.metrics import read_metrics
 from fundamentallm.model import GPT
-from fundamentallm.train import select_device
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by GPU name, for model FLOPs utilisation. The
 # longest name found in the device's name wins, so "H100 PCIe" is not taken for an SXM H100, nor "L40" for "L4".

@@ -6,64 +6,150 @@ never runs code from it. Each file is self-contained: weights, the resolved conf
 generate and evaluate need nothing but the file. Training checkpoints also carry everything needed to resume
 exactly: optimizer, gradient scaler, data sampler and RNG states, counters.
 
+Outside this module a checkpoint is a `Checkpoint` object; no other module knows the keys inside the file.
 Files are written atomically (files.atomic_write): a crash mid-save never damages an earlier checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import pickle
-import re
+import typing
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fundamentallm import __version__
+from fundamentallm import __version__, distributed
 from fundamentallm.config import Config, config_from_dict
 from fundamentallm.console import warn
+from fundamentallm.device import check_memory, model_memory
 from fundamentallm.errors import UserError
 from fundamentallm.files import atomic_write
 from fundamentallm.model import GPT
+from fundamentallm.runfiles import FINAL, resumable_files
 from fundamentallm.tokenizer import CharTokenizer
+
+if TYPE_CHECKING:  # types only: readers of checkpoints (evaluate, generate) need no training code
+    from fundamentallm.data import BatchSampler, TokenData
+    from fundamentallm.optim import Optimizer
 
 FORMAT = "fundamentallm-checkpoint"
 FORMAT_VERSION = 1
 
-BEST = "best_model.pt"
-FINAL = "final_model.pt"
-INTERRUPTED = "interrupted.pt"
-_PERIODIC = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
+
+@dataclass
+class TrainingProgress:
+    """Counters that a checkpoint carries so that a resumed run continues exactly."""
+
+    epochs_done: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
+    elapsed_seconds: float = 0.0
+    tokens_seen: int = 0
+    train_loss: float = math.nan
+    val_loss: float = math.nan
+    # Losses and gradient norms of the steps since the last train record, when an interruption cut the log
+    # window short: the resumed run writes the record the uninterrupted run would have written.
+    pending_losses: list[float] = field(default_factory=list)
+    pending_norms: list[float] = field(default_factory=list)
 
 
-def periodic_name(epoch: int) -> str:
-    return f"checkpoint_epoch_{epoch}.pt"
+@dataclass
+class DataInfo:
+    """What a run was trained on: resume refuses other data, evaluate finds the validation split again."""
+
+    fingerprint: str = ""  # the token cache key (data.TokenData.fingerprint)
+    files: list[str] = field(default_factory=list)
+    num_chars: int = 0
+    num_train_tokens: int = 0
+    num_val_tokens: int = 0
+
+    @classmethod
+    def of(cls, data: TokenData) -> DataInfo:
+        return cls(data.fingerprint, [str(f.resolve()) for f in data.files], data.num_chars, len(data.train),
+                   len(data.val))
 
 
-def save_checkpoint(path: Path, *, model: GPT, config: Config, tokenizer: CharTokenizer, data: dict[str, Any],
-                    progress: dict[str, Any], training_state: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint atomically. `training_state` (optimizer, RNGs, ...) makes it resumable."""
+@dataclass
+class TrainingState:
+    """What only a resumable checkpoint holds: the state dicts of the optimizer, gradient scaler and sampler,
+    and the RNG states (with `per_rank` under torchrun: every process's dropout stream)."""
+
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+    sampler: dict[str, Any]
+    rng: dict[str, Any]
+
+
+@dataclass
+class Checkpoint:
+    config: Config
+    tokenizer: CharTokenizer
+    model_state: dict[str, torch.Tensor]
+    data: DataInfo
+    progress: TrainingProgress
+    training_state: TrainingState | None = None  # None: weights only (best_model.pt)
+    path: Path | None = None  # where it was read from
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing and reading
+
+
+def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """Write a checkpoint atomically; it is resumable when it has a training state."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fundamentallm_version": __version__,
-        "config": config.to_dict(),
-        "tokenizer": tokenizer.to_dict(),
-        "model": model.state_dict(),
-        "data": data,
-        "progress": progress,
+        "config": checkpoint.config.to_dict(),
+        "tokenizer": checkpoint.tokenizer.to_dict(),
+        "model": checkpoint.model_state,
+        "data": dataclasses.asdict(checkpoint.data),
+        "progress": dataclasses.asdict(checkpoint.progress),
     }
-    if training_state is not None:
-        payload["training_state"] = training_state
+    if checkpoint.training_state is not None:
+        payload["training_state"] = dataclasses.asdict(checkpoint.training_state)
     payload["checksum"] = _checksum(payload)
     atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
-def read_checkpoint(path: Path | str) -> dict[str, Any]:
-    """Load and check a checkpoint's raw contents; every way it can be wrong becomes one clear UserError."""
+def read_checkpoint(path: Path | str) -> Checkpoint:
+    """Load and check a checkpoint; every way it can be wrong becomes one clear UserError."""
     path = Path(path)
+    payload = _load_payload(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        looks = "a plain PyTorch state dict" if isinstance(payload, dict) and payload and all(
+            isinstance(v, torch.Tensor) for v in payload.values()) else "some other PyTorch file"
+        raise UserError(f"{path} is {looks}, not a FundamentaLLM checkpoint (no '{FORMAT}' marker); "
+                        f"only files written by 'fundamentallm train' can be loaded")
+    version = payload.get("format_version")
+    if type(version) is not int or version > FORMAT_VERSION or version < 1:
+        raise UserError(f"{path} has checkpoint format version {version!r}, but this FundamentaLLM "
+                        f"({__version__}) reads version {FORMAT_VERSION}; upgrade FundamentaLLM to load it")
+    for key in ("config", "tokenizer", "model", "progress", "data", "checksum"):
+        if key not in payload:
+            raise UserError(f"{path} is damaged: its '{key}' entry is missing")
+    if payload["checksum"] != _checksum(payload):
+        raise UserError(f"{path} is corrupted: its contents do not match the checksum written with them; use "
+                        f"another checkpoint (e.g. an earlier checkpoint_epoch_N.pt)")
+    try:
+        return _parse(payload, path)
+    except _Malformed as exc:
+        raise UserError(f"{path} is damaged: its entries do not have the structure FundamentaLLM writes "
+                        f"({exc})") from None
+
+
+def _load_payload(path: Path) -> Any:
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     if path.is_dir():
@@ -73,7 +159,7 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch's advice about foreign pickles is noise next to our error
             warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():  # the pickle names a Python callable or class: never run it
             raise UserError(f"{path} holds Python objects other than tensors and plain data; refusing to load "
@@ -84,37 +170,114 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a PyTorch "
                         f"file ({detail})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        looks = "a plain PyTorch state dict" if isinstance(payload, dict) and payload and all(
-            isinstance(v, torch.Tensor) for v in payload.values()) else "some other PyTorch file"
-        raise UserError(f"{path} is {looks}, not a FundamentaLLM checkpoint (no '{FORMAT}' marker); "
-                        f"only files written by 'fundamentallm train' can be loaded")
-    version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise UserError(f"{path} has checkpoint format version {version!r}, but this FundamentaLLM "
-                        f"({__version__}) reads version {FORMAT_VERSION}; upgrade FundamentaLLM to load it")
-    for key in ("config", "tokenizer", "model", "progress", "data", "checksum"):
-        if key not in payload:
-            raise UserError(f"{path} is damaged: its '{key}' entry is missing")
-    if not _well_formed(payload):
-        raise UserError(f"{path} is damaged: its entries do not have the structure FundamentaLLM writes")
-    if payload["checksum"] != _checksum(payload):
-        raise UserError(f"{path} is corrupted: its contents do not match the checksum written with them; use "
-                        f"another checkpoint (e.g. an earlier checkpoint_epoch_N.pt)")
-    return payload
 
 
-def _well_formed(payload: dict[str, Any]) -> bool:
-    """The shapes the rest of the program relies on, so that a crafted file fails here with one clear error."""
-    config, progress, state = payload["config"], payload["progress"], payload.get("training_state")
-    return (isinstance(config, dict) and isinstance(config.get("model"), dict)
-            and isinstance(config.get("training"), dict) and isinstance(payload["tokenizer"], dict)
-            and isinstance(payload["model"], dict)
-            and all(isinstance(v, torch.Tensor) for v in payload["model"].values())
-            and isinstance(progress, dict) and isinstance(progress.get("step"), int)
-            and isinstance(payload["data"], dict) and isinstance(payload["data"].get("files", []), list)
-            and (state is None or (isinstance(state, dict)
-                                   and {"optimizer", "scaler", "sampler", "rng"} <= state.keys())))
+class _Malformed(Exception):
+    """An entry of the wrong type or shape; the message names it."""
+
+
+def _parse(payload: dict[str, Any], path: Path) -> Checkpoint:
+    """The typed checkpoint, checking every entry against the types of the dataclasses above."""
+    if not isinstance(payload["config"], dict):
+        raise _Malformed("config")
+    config = config_from_dict(payload["config"], f"checkpoint {path}")
+    try:
+        tokenizer = CharTokenizer.from_dict(payload["tokenizer"])
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise _Malformed(f"tokenizer: {exc}") from None
+    with torch.device("meta"):  # the model the config describes, without allocating it
+        shape = GPT.from_config(config, tokenizer.vocab_size)
+    weights = _check_weights(payload["model"], shape)
+    progress = _typed(TrainingProgress, payload["progress"], "progress")
+    if min(progress.step, progress.epochs_done, progress.step_in_epoch, progress.tokens_seen) < 0:
+        raise _Malformed("progress: a negative counter")
+    state = payload.get("training_state")
+    if state is not None:
+        state = _typed(TrainingState, state, "training_state")
+        _check_training_state(state, [tuple(p.shape) for p in shape.parameters()], config.training.optimizer)
+    return Checkpoint(config=config, tokenizer=tokenizer, model_state=weights,
+                      data=_typed(DataInfo, payload["data"], "data"), progress=progress, training_state=state,
+                      path=path)
+
+
+def _check_weights(weights: Any, shape: GPT) -> dict[str, torch.Tensor]:
+    """Exactly the tensors the config's model has, of the same shapes, all finite."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise _Malformed("model weights")
+    expected = {name: tuple(t.shape) for name, t in shape.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    if found != expected:
+        wrong = sorted(set(found.items()) ^ set(expected.items()), key=str)[:2]
+        raise _Malformed(f"the weights do not match the model its config describes, e.g. {wrong}")
+    for name, t in weights.items():
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise _Malformed(f"weights {name} are not finite floating-point numbers (NaN or inf)")
+    return weights
+
+
+def _check_training_state(state: TrainingState, param_shapes: list[tuple[int, ...]], optimizer: str) -> None:
+    """The optimizer, sampler and RNG states have the structure that PyTorch will accept without surprises."""
+    states = state.optimizer.get("optimizers") if optimizer == "muon" else [state.optimizer]
+    if not isinstance(states, list) or not states:
+        raise _Malformed("training_state.optimizer")
+    shapes = set(param_shapes) | {()}
+    for opt in states:
+        groups, per_param = (opt.get("param_groups"), opt.get("state")) if isinstance(opt, dict) else (None, None)
+        if not isinstance(groups, list) or not isinstance(per_param, dict) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), list)
+                and all(type(i) is int and 0 <= i < len(param_shapes) for i in g["params"]) for g in groups):
+            raise _Malformed("training_state.optimizer: param_groups")
+        for values in per_param.values():
+            if not isinstance(values, dict) or not all(
+                    isinstance(v, torch.Tensor) and tuple(v.shape) in shapes and torch.isfinite(v).all()
+                    for v in values.values()):
+                raise _Malformed("training_state.optimizer: state")
+    if not isinstance(state.scaler, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                     for v in state.scaler.values()):
+        raise _Malformed("training_state.scaler")
+    generator_size = torch.Generator().get_state().numel()
+    _check_generator(state.sampler.get("generator"), generator_size, "training_state.sampler")
+    for rng in [state.rng, *(state.rng.get("per_rank") or [])]:
+        if not isinstance(rng, dict) or not isinstance(rng.get("cuda"), list):
+            raise _Malformed("training_state.rng")
+        _check_generator(rng.get("torch"), generator_size, "training_state.rng")
+        for cuda in rng["cuda"]:
+            _check_generator(cuda, None, "training_state.rng")
+
+
+def _check_generator(value: Any, size: int | None, what: str) -> None:
+    if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+            and (size is None or value.numel() == size)):
+        raise _Malformed(f"{what}: not a random generator state")
+
+
+_T = typing.TypeVar("_T")
+
+
+def _typed(cls: type[_T], raw: Any, what: str) -> _T:
+    """An instance of dataclass `cls` from a dict, every field present and of its declared type."""
+    if not isinstance(raw, dict):
+        raise _Malformed(what)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in raw or not _is_instance(raw[f.name], hints[f.name]):
+            raise _Malformed(f"{what}.{f.name}")
+        values[f.name] = raw[f.name]
+    return cls(**values)
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_is_instance(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
 
 
 def _checksum(payload: dict[str, Any]) -> str:
@@ -149,46 +312,128 @@ class LoadedModel:
     model: GPT
     tokenizer: CharTokenizer
     config: Config
-    payload: dict[str, Any]
+    checkpoint: Checkpoint
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the model (and tokenizer, config) stored in a checkpoint, in eval mode on `device`."""
-    payload = read_checkpoint(path)
-    config = config_from_dict(payload["config"], f"checkpoint {path}")
-    try:
-        tokenizer = CharTokenizer.from_dict(payload["tokenizer"])
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise UserError(f"{path} is damaged: its tokenizer is unreadable ({exc})") from None
-    model = GPT.from_config(config, tokenizer.vocab_size)
-    try:
-        model.load_state_dict(payload["model"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).splitlines()[0]
-        raise UserError(f"{path} is damaged: its weights do not match its model config ({first})") from None
+    checkpoint = read_checkpoint(path)
+    device = torch.device(device)
+    with torch.device("meta"):
+        shape = GPT.from_config(checkpoint.config, checkpoint.tokenizer.vocab_size)
+    check_memory(model_memory(shape, 1, shape.context_length, training=False), device,
+                 f"the model in {path} ({shape.num_parameters():,} parameters)",
+                 "Use a machine or device with more memory (--device)")
+    model = GPT.from_config(checkpoint.config, checkpoint.tokenizer.vocab_size)
+    model.load_state_dict(checkpoint.model_state)  # read_checkpoint checked the names and shapes
     model.to(device).eval()
-    return LoadedModel(model, tokenizer, config, payload)
+    return LoadedModel(model, checkpoint.tokenizer, checkpoint.config, checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Files in a run directory
+# Resuming
 
 
-def periodic_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in Path(directory).glob("checkpoint_epoch_*.pt"):
-        match = _PERIODIC.match(p.name)
-        if match:
-            found.append((int(match.group(1)), p))
-    return sorted(found)
+def training_state(optimizer: Optimizer, scaler: torch.amp.GradScaler, sampler: BatchSampler,
+                   device: torch.device, dist: distributed.Dist) -> TrainingState | None:
+    """Everything a resumed run needs besides the weights. Called on every rank (it gathers each rank's RNG
+    state); returns None on the ranks that do not write."""
+    rng = _rng_state(device)
+    per_rank = distributed.all_gather_object(dist, rng) if dist.enabled else None
+    if not dist.is_main:
+        return None
+    return TrainingState(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                         sampler=sampler.state_dict(), rng={**rng, "per_rank": per_rank} if per_rank else rng)
 
 
-def prune_periodic(directory: Path, keep_last_n: int) -> None:
-    """Keep the newest `keep_last_n` checkpoint_epoch_N.pt files (0 keeps all)."""
-    if keep_last_n <= 0:
-        return
-    for _, path in periodic_checkpoints(directory)[:-keep_last_n]:
-        path.unlink(missing_ok=True)
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    # Only this process's GPU: asking for every GPU's state would open a CUDA context on each of them.
+    return {"torch": torch.get_rng_state(),
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
+
+
+def restore(checkpoint: Checkpoint, model: GPT, optimizer: Optimizer, scaler: torch.amp.GradScaler,
+            sampler: BatchSampler, device: torch.device, dist: distributed.Dist, seed: int) -> TrainingProgress:
+    """Put a resumable checkpoint's weights and training state into a freshly built run; returns its counters."""
+    state = checkpoint.training_state
+    assert state is not None, "resume_checkpoint refuses weights-only files"
+    model.load_state_dict(checkpoint.model_state)
+    # load_state_dict also restores the saved hyperparameters; keep this run's (weight decay and betas may
+    # be changed on resume; the learning rate is set every step anyway).
+    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state.optimizer)
+    for group, chosen in zip(optimizer.param_groups, hyperparameters, strict=True):
+        group.update(chosen)
+    if state.scaler:  # empty when the run that saved it needed no gradient scaling (fp32, bf16)
+        scaler.load_state_dict(state.scaler)
+    sampler.load_state_dict(state.sampler)
+    progress = dataclasses.replace(checkpoint.progress)
+    per_rank = state.rng.get("per_rank") or []
+    exact = len(per_rank) == dist.world_size or (not per_rank and not dist.enabled)
+    mine = per_rank[dist.rank] if len(per_rank) == dist.world_size else state.rng
+    torch.set_rng_state(mine["torch"])
+    if device.type == "cuda" and mine["cuda"]:
+        torch.cuda.set_rng_state(mine["cuda"][0], device)
+    if not exact and dist.rank > 0:
+        # Resumed with another number of processes: rank 0 continues the saved stream, the others get fresh
+        # streams of their own (distinct per rank and step, so dropout masks still differ between ranks).
+        torch.manual_seed(seed + dist.rank + 1_000_003 * progress.step)
+    return progress
+
+
+def resume_checkpoint(path: Path | str) -> Checkpoint:
+    """A checkpoint named by --resume PATH: it must carry a training state."""
+    checkpoint = read_checkpoint(path)
+    if checkpoint.training_state is None:
+        raise UserError(f"{path} holds model weights only (best_model.pt is saved without optimizer "
+                        f"state); resume from checkpoint_epoch_N.pt, interrupted.pt or final_model.pt")
+    return checkpoint
+
+
+def check_resume_compatible(checkpoint: Checkpoint, config: Config, data: TokenData) -> None:
+    """Refuse to resume a checkpoint into a different model or onto a different corpus; say what differs."""
+    path, saved = checkpoint.path, checkpoint.config
+    regularisation = ("dropout", "attention_dropout")  # not part of the weights: may change on resume
+    now_model, saved_model = config.model.model_dump(), saved.model.model_dump()
+    diffs = [f"model.{k}: {saved_model[k]!r} in the checkpoint, {v!r} now" for k, v in now_model.items()
+             if saved_model[k] != v and k not in regularisation]
+    if saved.training.optimizer != config.training.optimizer:
+        diffs.append(f"training.optimizer: {saved.training.optimizer} in the checkpoint, "
+                     f"{config.training.optimizer} now (its saved state fits only the same optimizer)")
+    if saved.training.sequence_length != config.training.sequence_length:
+        diffs.append(f"training.sequence_length: {saved.training.sequence_length} in the checkpoint, "
+                     f"{config.training.sequence_length} now")
+    if diffs:
+        raise UserError(f"cannot resume from {path}: the model or optimizer differs ({'; '.join(diffs)}). "
+                        f"Resume with the run's own config (omit --config) or start a new run in another directory")
+    if checkpoint.data.fingerprint != data.fingerprint:
+        files = ", ".join(checkpoint.data.files) or "unknown files"
+        raise UserError(f"cannot resume from {path}: it was trained on different data ({files}, "
+                        f"{checkpoint.data.num_chars:,} characters; now {data.num_chars:,} characters from "
+                        f"{', '.join(str(f) for f in data.files)}), or the text was edited since, or "
+                        f"validation_split/min_char_frequency changed")
+
+
+def check_resume_in_place(checkpoint: Checkpoint, output_dir: Path) -> None:
+    """Continuing a run in its own directory from a checkpoint older than others there would mix two histories."""
+    assert checkpoint.path is not None
+    if checkpoint.path.resolve().parent != output_dir.resolve():
+        return  # a branch into another directory
+    later = [p for p in resumable_files(output_dir) if (recorded_step(p) or 0) > checkpoint.progress.step
+             and _sound(p)]  # a damaged file holds no history to mix: --resume auto skipped it already
+    if later:
+        raise UserError(f"{output_dir} holds checkpoints saved after {checkpoint.path.name} "
+                        f"({', '.join(p.name for p in later)}); continuing from it here would mix two histories. "
+                        f"Branch off it into a new directory (-o), or use --resume auto to continue from the "
+                        f"newest")
+
+
+def _sound(path: Path) -> bool:
+    try:
+        read_checkpoint(path)
+    except UserError:
+        return False
+    return True
 
 
 def recorded_step(path: Path) -> int | None:
@@ -202,37 +447,31 @@ def recorded_step(path: Path) -> int | None:
         return None
 
 
-def later_checkpoints(directory: Path, step: int) -> list[Path]:
-    """Checkpoints in `directory` saved after `step`: what resuming there from an earlier one would orphan."""
-    candidates = [p for _, p in periodic_checkpoints(directory)]
-    candidates += [p for p in (Path(directory) / INTERRUPTED, Path(directory) / FINAL) if p.exists()]
-    return [p for p in candidates if (recorded_step(p) or 0) > step]
-
-
-def find_resumable(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+def find_resumable(directory: Path) -> Checkpoint | None:
     """The checkpoint in `directory` that is furthest along and loads; damaged files are skipped with a warning.
 
     Candidates are ranked by the step they record (read cheaply), and only then fully loaded and verified, best
     first: for a large model that reads one checkpoint instead of all of them."""
-    directory = Path(directory)
-    candidates = [p for _, p in periodic_checkpoints(directory)]
-    candidates += [p for p in (directory / INTERRUPTED, directory / FINAL) if p.exists()]
     ranked = []
-    for path in candidates:
+    for path in resumable_files(Path(directory)):
         step = recorded_step(path)
         if step is None:  # not even the step can be read: say what is wrong with it
             try:
-                step = int(read_checkpoint(path)["progress"]["step"])
+                step = read_checkpoint(path).progress.step
             except UserError as exc:
                 warn(f"skipping {path.name}: {exc}")
                 continue
         ranked.append((step, path.stat().st_mtime, path))
+    skipped = len(resumable_files(Path(directory))) - len(ranked)
     for _, _, path in sorted(ranked, reverse=True):
         try:
-            payload = read_checkpoint(path)
+            checkpoint = read_checkpoint(path)
         except UserError as exc:
             warn(f"skipping {path.name}: {exc}")
+            skipped += 1
             continue
-        if "training_state" in payload:
-            return path, payload
+        if checkpoint.training_state is not None:
+            if skipped:
+                warn(f"continuing from {path.name}, the newest sound checkpoint")
+            return checkpoint
     return None

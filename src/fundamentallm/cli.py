@@ -64,6 +64,32 @@ def cli(debug: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Options that several commands share, each declared once
+
+
+def _device_option() -> Any:
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+
+
+def _config_option() -> Any:
+    return click.option("-c", "--config", "config_name", metavar="NAME|PATH",
+                        help="Preset (small, medium, large, fast-cpu) or a YAML file. Default: medium.")
+
+
+def _set_option(help: str = "Set any config key, e.g. --set training.warmup_steps=50 (repeatable).") -> Any:
+    return click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help=help)
+
+
+def _tensorboard_option(help: str = "Also write TensorBoard event files (needs tensorboard).") -> Any:
+    return click.option("--tensorboard", is_flag=True, help=help)
+
+
+def _output_dir_option(default: str, help: str) -> Any:
+    return click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path(default),
+                        show_default=True, help=help)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # train
 
 
@@ -93,58 +119,36 @@ def _float_flag(value: str | None, flag: str) -> float | None:
 
 @cli.command()
 @click.argument("data", nargs=-1)
-@click.option("-c", "--config", "config_name", metavar="NAME|PATH",
-              help="Preset (small, medium, large, fast-cpu) or a YAML file. Default: medium.")
+@_config_option()
 @click.option("--learning-rate", "--lr", metavar="LR|auto",
               help="Peak learning rate (training.learning_rate); auto: run the range test (lr-find) first.")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (training.batch_size).")
 @click.option("--epochs", type=int, help="Passes over the training split (training.epochs).")
 @click.option("--sequence-length", type=int, help="Context length in characters (training.sequence_length).")
 @click.option("--seed", type=int, help="Random seed (training.seed).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("checkpoints"),
-              show_default=True, help="Where checkpoints, config.yaml and metrics.jsonl go.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Set any config key, e.g. --set training.warmup_steps=50 (repeatable).")
+@_device_option()
+@_output_dir_option("checkpoints", "Where checkpoints, config.yaml and metrics.jsonl go.")
+@_set_option()
 @click.option("--resume", metavar="PATH|auto",
               help="Continue from a checkpoint, or from the newest one in the output directory (auto).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in the output directory.")
-@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files (needs tensorboard).")
+@_tensorboard_option()
 def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | None, batch_size: int | None,
           epochs: int | None, sequence_length: int | None, seed: int | None, device: str, output_dir: Path,
           assignments: tuple[str, ...], resume: str | None, overwrite: bool, tensorboard: bool) -> None:
     """Train a model on DATA: one or more text files, or directories of .txt files."""
-    from fundamentallm.checkpoint import find_resumable, read_checkpoint
     from fundamentallm.config import resolve_config
-    from fundamentallm.train import RUN_FILES
+    from fundamentallm.plot import plot_finished_run
+    from fundamentallm.run import resolve_resume
     from fundamentallm.train import train as run_training
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; use one")
-    resume_from = None
-    if resume == "auto":
-        resume_from = find_resumable(output_dir)
-        if resume_from is None:
-            if list(output_dir.glob("*.pt")):
-                raise UserError(f"--resume auto: {output_dir} holds no checkpoint that can be resumed (see the "
-                                f"warnings above); use --overwrite to start again")
-            if any((output_dir / name).exists() for name in RUN_FILES):
-                raise UserError(f"--resume auto: the run in {output_dir} stopped before its first checkpoint; "
-                                f"use --overwrite to start it again")
-            if not data:
-                raise UserError(f"--resume auto: no checkpoint in {output_dir} to continue, and no DATA to start "
-                                f"a new run with; give DATA (a text file, several, or a directory)")
-            click.echo(f"--resume auto: no checkpoint in {output_dir} yet; starting a new run", err=True)
-    elif resume:
-        payload = read_checkpoint(resume)
-        if "training_state" not in payload:
-            raise UserError(f"{resume} holds model weights only (best_model.pt is saved without optimizer "
-                            f"state); resume from checkpoint_epoch_N.pt, interrupted.pt or final_model.pt")
-        resume_from = (Path(resume), payload)
+    resume_from = resolve_resume(resume, output_dir, list(data))
     if not data:
         if resume_from is None:
             raise click.UsageError("missing DATA: give a text file, several files, or a directory of .txt files")
-        data = tuple(resume_from[1]["data"]["files"])
+        data = tuple(resume_from.data.files)
 
     auto_lr = learning_rate is not None and learning_rate.strip().lower() == "auto"
     if auto_lr and resume_from is not None:
@@ -152,7 +156,7 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     overrides = _overrides(assignments, learning_rate=None if auto_lr else _float_flag(learning_rate,
                                                                                       "--learning-rate"),
                            batch_size=batch_size, epochs=epochs, sequence_length=sequence_length, seed=seed)
-    base = (resume_from[1]["config"], f"checkpoint {resume_from[0]}") if resume_from else None
+    base = (resume_from.config.to_dict(), f"checkpoint {resume_from.path}") if resume_from else None
     config = resolve_config(config_name, overrides, base=base)
     if auto_lr:
         from fundamentallm.lr_finder import auto_learning_rate
@@ -163,6 +167,8 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
                           config_origin=config_name or (base[1] if base else "medium"))
     if result.interrupted_by is not None:
         sys.exit(128 + result.interrupted_by)  # the shell convention for "ended by signal N"
+    if result.wrote_files:
+        plot_finished_run(output_dir)  # training.png; skipped without matplotlib, never fails the run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,15 +190,15 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
               help="Nucleus sampling: the smallest set of characters with this total probability.")
 @click.option("--seed", type=int, help="Seed for reproducible samples.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@_device_option()
 def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature: float, top_k: int,
              top_p: float, seed: int | None, num_samples: int, device: str) -> None:
     """Generate text from a checkpoint, streaming it as it is produced."""
     import torch
 
     from fundamentallm.checkpoint import load_model
+    from fundamentallm.device import select_device
     from fundamentallm.generate import generate_tokens
-    from fundamentallm.train import select_device
 
     dev = select_device(device)
     loaded = load_model(checkpoint, dev)
@@ -241,7 +247,7 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
 @click.argument("data", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@_device_option()
 def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, device: str) -> None:
     """Loss, perplexity and bits per character of CHECKPOINT on DATA (default: the run's validation split)."""
     from fundamentallm.evaluate import evaluate as run_evaluation
@@ -262,11 +268,10 @@ def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size:
 
 @cli.command("lr-find")
 @click.argument("data", nargs=-1, required=True)
-@click.option("-c", "--config", "config_name", metavar="NAME|PATH",
-              help="Preset (small, medium, large, fast-cpu) or a YAML file. Default: medium.")
+@_config_option()
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (the best rate depends on it).")
 @click.option("--sequence-length", type=int, help="Context length in characters.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config key (repeatable).")
+@_set_option()
 # The range test's defaults live in lr_finder.py (not imported here: it loads torch); None means "not given".
 @click.option("--start-lr", type=click.FloatRange(min=0, min_open=True),
               help="First learning rate of the range (default 1e-5).")
@@ -276,9 +281,8 @@ def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size:
               help="Optimizer steps over the range, at most: the test stops once the loss diverges (default 60).")
 @click.option("--diverge-factor", type=float,
               help="Stop when the smoothed loss exceeds this multiple of its best (default 4).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("lr_find"), show_default=True,
-              help="Where lr_find.csv and lr_find.png go.")
+@_device_option()
+@_output_dir_option("lr_find", "Where lr_find.csv and lr_find.png go.")
 def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | None, sequence_length: int | None,
             assignments: tuple[str, ...], start_lr: float | None, end_lr: float | None, steps: int | None,
             diverge_factor: float | None, device: str, output_dir: Path) -> None:
@@ -297,15 +301,12 @@ def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | No
 @click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2,...",
               help="A config key and the values to try, e.g. --grid training.learning_rate=1e-4,3e-4 "
                    "(repeatable: every combination runs).")
-@click.option("-c", "--config", "config_name", metavar="NAME|PATH",
-              help="Preset (small, medium, large, fast-cpu) or a YAML file. Default: medium.")
+@_config_option()
 @click.option("--epochs", type=int, help="Epochs per run (training.epochs).")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Set any config key for every run (repeatable).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("sweep"), show_default=True,
-              help="One directory per run goes in here, and results.csv.")
-@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files for every run.")
+@_set_option("Set any config key for every run (repeatable).")
+@_device_option()
+@_output_dir_option("sweep", "One directory per run goes in here, and results.csv.")
+@_tensorboard_option("Also write TensorBoard event files for every run.")
 def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None, epochs: int | None,
           assignments: tuple[str, ...], device: str, output_dir: Path, tensorboard: bool) -> None:
     """Grid search: train every combination of --grid values on DATA and rank them by validation loss.
@@ -350,7 +351,7 @@ def status(run_dir: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@_device_option()
 @click.option("--rows", help="Comma-separated PRESET:BATCH training rows (default: the reference table's).")
 @click.option("--steps", type=click.IntRange(min=2), help="Timed optimizer steps per row (after warm-up).")
 @click.option("--generation/--no-generation", default=True, show_default=True,
@@ -358,7 +359,7 @@ def status(run_dir: Path, as_json: bool) -> None:
 @click.option("--recipe", metavar="NAME|PATH", help="Also measure time to --target validation loss with this config.")
 @click.option("--target", type=float, default=1.47, show_default=True, help="Validation loss for --recipe.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True)
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Passed to every training run.")
+@_set_option("Passed to every training run.")
 def bench(data: Path, device: str, rows: str | None, steps: int | None, generation: bool, recipe: str | None,
           target: float, output: Path, assignments: tuple[str, ...]) -> None:
     """Measure training throughput, generation speed and (optionally) time to quality on DATA."""

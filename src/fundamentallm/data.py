@@ -249,7 +249,7 @@ def prepare_tokens(
     return TokenData(
         tokenizer=CharTokenizer.from_dict(meta["tokenizer"]), train=tokens[:split], val=tokens[split:],
         files=files, num_chars=meta["num_tokens"], fingerprint=key, cache_dir=cache_dir, from_cache=from_cache,
-        text_bytes=meta.get("text_bytes", 0), build_seconds=build_seconds,
+        text_bytes=meta["text_bytes"], build_seconds=build_seconds,
     )
 
 

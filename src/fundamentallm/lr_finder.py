@@ -31,24 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fundamentallm import distributed, plot
 from fundamentallm.config import Config
 from fundamentallm.console import Progress, info, warn
-from fundamentallm.data import BatchSampler, as_tensor, prepare_tokens
+from fundamentallm.device import is_out_of_memory, oom_message, select_device
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write_bytes
-from fundamentallm.model import GPT
-from fundamentallm.train import (  # the helpers that make the test use exactly what a training run uses
-    autocast_dtype,
-    check_data_size,
-    check_output_dir,
-    make_optimizer,
-    optimizer_step,
-    seed_everything,
-    select_device,
-)
+from fundamentallm.optim import optimizer_step, set_lr
+from fundamentallm.run import setup_run
+from fundamentallm.runfiles import LR_FIND_CSV, LR_FIND_PLOT, check_output_dir, hold
 
 # Defaults of the range test: 60 steps over five decades (12 rates per decade) resolve the curve well enough, and
 # with the stop rules the small preset finishes in under 20 seconds on a 2-core CPU. Useful AdamW rates for these
@@ -61,9 +53,6 @@ SMOOTHING = 0.8  # EMA of the loss: about the last five steps weigh in, so the c
 MIN_STEPS = 10  # fewer recorded steps than this cannot support a suggestion
 LEARNED_FRACTION = 0.1  # the minimum rule only applies once the loss fell this far below its start ...
 PATIENCE_DECADES = 2 / 3  # ... and made no new low over this span of learning rates
-
-CSV_NAME = "lr_find.csv"
-PLOT_NAME = "lr_find.png"
 
 RULE_STEEPEST = "steepest descent of the smoothed loss"
 RULE_MINIMUM = "minimum of the smoothed loss / 10"
@@ -142,21 +131,11 @@ def range_test(config: Config, data_paths: list[str], *, device: str = "auto", s
         raise UserError("the learning-rate range test runs in one process; run 'fundamentallm lr-find' once "
                         "without torchrun and pass the suggested rate with --learning-rate")
     cfg = config.training
-    dev = select_device(device)
-    seed_everything(cfg.seed, cfg.deterministic)
-    data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
-    check_data_size(data, cfg)
-    tokens = as_tensor(data.train, dev) if dev.type != "cpu" else data.train
-    model = GPT.from_config(config, data.tokenizer.vocab_size).to(dev)
-    optimizer = make_optimizer(model, cfg, dev)
-    amp = autocast_dtype(dev, cfg.use_mixed_precision)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-    sampler = BatchSampler(tokens, cfg.batch_size, cfg.sequence_length, dev, seed=cfg.seed)
-    accum = cfg.gradient_accumulation_steps
+    run = setup_run(config, data_paths, select_device(device))  # exactly what `train` builds
     info(f"LR range test: up to {num_steps} steps, learning rate {start_lr:.0e} -> {end_lr:.0e} (x"
          f"{(end_lr / start_lr) ** (1 / max(1, num_steps - 1)):.3f} per step), fresh model of "
-         f"{model.num_parameters():,} parameters on {dev}, batch {cfg.batch_size} x {accum} x "
-         f"{cfg.sequence_length} tokens")
+         f"{run.model.num_parameters():,} parameters on {run.device}, batch {cfg.batch_size} x "
+         f"{cfg.gradient_accumulation_steps} x {cfg.sequence_length} tokens")
 
     lrs: list[float] = []
     losses: list[float] = []
@@ -164,14 +143,14 @@ def range_test(config: Config, data_paths: list[str], *, device: str = "auto", s
     avg, best, best_step, stop_reason = 0.0, math.inf, 0, ""
     patience = max(3, math.ceil(PATIENCE_DECADES * (num_steps - 1) / math.log10(end_lr / start_lr)))
     start = time.perf_counter()
-    model.train()
+    run.step_model.train()
     try:
         with Progress(num_steps, "LR range test", unit="step") as bar:
             for step in range(num_steps):
                 lr = start_lr * (end_lr / start_lr) ** (step / (num_steps - 1))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss, _ = optimizer_step(model, model, optimizer, scaler, sampler, cfg, amp)
+                set_lr(run.optimizer, lr)
+                loss, _ = optimizer_step(run.step_model, run.model, run.optimizer, run.scaler, run.sampler, cfg,
+                                         run.amp)
                 bar.update()
                 value = loss.item()  # one sync per step: the test must see every loss at once
                 if not math.isfinite(value):
@@ -193,10 +172,11 @@ def range_test(config: Config, data_paths: list[str], *, device: str = "auto", s
                     stop_reason = (f"the smoothed loss made no new low for {patience} steps since its minimum "
                                    f"{best:.3f} at learning rate {lrs[best_step]:.2e}")
                     break
-    except torch.OutOfMemoryError:
-        raise TrainingFailed(f"out of memory on {dev} with batch_size {cfg.batch_size} and sequence_length "
-                             f"{cfg.sequence_length}; use a smaller --batch-size or preset") from None
-    return RangeTest(lrs, losses, smoothed, stop_reason, time.perf_counter() - start, model.num_parameters())
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise TrainingFailed(oom_message(cfg, run.device)) from None
+        raise
+    return RangeTest(lrs, losses, smoothed, stop_reason, time.perf_counter() - start, run.model.num_parameters())
 
 
 def _write_csv(path: Path, test: RangeTest) -> None:
@@ -223,15 +203,15 @@ def find_lr(config: Config, data_paths: list[str], output_dir: Path, *, device: 
              f"(try a larger --end-lr)")
     info(f"Smoothed loss: {test.smoothed[0]:.3f} at the start, minimum "
          f"{min(test.smoothed):.3f} at learning rate {choice.minimum_lr:.2e}")
-    csv_path = output_dir / CSV_NAME
+    csv_path = output_dir / LR_FIND_CSV
     _write_csv(csv_path, test)
     plot_path = None
     if plot.matplotlib_available():
-        plot_path = plot.plot_lr_find(output_dir / PLOT_NAME, test.lrs, test.losses, test.smoothed, choice.lr,
+        plot_path = plot.plot_lr_find(output_dir / LR_FIND_PLOT, test.lrs, test.losses, test.smoothed, choice.lr,
                                       "steepest descent" if choice.rule == RULE_STEEPEST else "minimum / 10",
                                       choice.minimum_lr)
     else:
-        warn(f"no {PLOT_NAME}: drawing it needs matplotlib ({plot.INSTALL_HINT})")
+        warn(f"no {LR_FIND_PLOT}: drawing it needs matplotlib ({plot.INSTALL_HINT})")
     info(f"Range test took {test.elapsed_seconds:.1f}s; wrote {csv_path}" + (f" and {plot_path}" if plot_path
                                                                                else ""))
     info(f"Rule: {choice.rule}, because {choice.reason}")
@@ -243,9 +223,10 @@ def auto_learning_rate(config: Config, data_paths: list[str], output_dir: Path, 
                        overwrite: bool = False) -> Config:
     """`train --learning-rate auto`: run the range test (its CSV and plot go into the run directory) and return
     the config with the suggested rate."""
-    # Refuse an occupied output directory now, not after the range test has taken its minute.
-    check_output_dir(Path(output_dir), resume_from=None, overwrite=overwrite)
-    result = find_lr(config, data_paths, output_dir, device=device)
+    with hold(output_dir):  # no other run may start here while the range test writes (train re-checks after)
+        # Refuse an occupied output directory now, not after the range test has taken its minute.
+        check_output_dir(Path(output_dir), resume_path=None, overwrite=overwrite)
+        result = find_lr(config, data_paths, output_dir, device=device)
     tuned = config.model_copy(deep=True)
     tuned.training.learning_rate = float(f"{result.suggestion.lr:.3g}")
     info(f"Training with learning rate {tuned.training.learning_rate:g} from the range test")

@@ -20,8 +20,7 @@ from typing import Any
 from fundamentallm.console import warn
 from fundamentallm.errors import TrainingFailed
 from fundamentallm.files import atomic_write_bytes, disk_full
-
-METRICS_FILE = "metrics.jsonl"
+from fundamentallm.runfiles import METRICS, TENSORBOARD
 
 
 def perplexity(loss_nats: float) -> float:
@@ -40,10 +39,10 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, run_record: dict[str, Any], resume_step: int | None = None,
                  history_from: Path | None = None, tensorboard: bool = False) -> None:
-        self.path = Path(run_dir) / METRICS_FILE
+        self.path = Path(run_dir) / METRICS
         history: list[dict[str, Any]] = []
         source = Path(history_from or run_dir)
-        if resume_step is not None and (source / METRICS_FILE).is_file():
+        if resume_step is not None and (source / METRICS).is_file():
             # Records past the checkpoint are about to be redone; end records of earlier sessions no longer hold.
             history = [r for r in read_metrics(source)
                        if r.get("kind") in ("train", "eval") and r.get("step", 0) <= resume_step]
@@ -58,7 +57,7 @@ class MetricsLog:
                 warn("--tensorboard needs the tensorboard package: pip install 'fundamentallm[tensorboard]'; "
                      "continuing without TensorBoard")
             else:
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD))
 
     def write(self, record: dict[str, Any]) -> None:
         record = {**record, "time": time.time()}
@@ -95,7 +94,7 @@ class MetricsLog:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every complete record of a run's metrics.jsonl (a half-written last line, or anything that is not a JSON
     object, is ignored)."""
-    path = Path(run_dir) / METRICS_FILE
+    path = Path(run_dir) / METRICS
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -22,10 +22,10 @@ from typing import Any
 from fundamentallm.console import info, warn
 from fundamentallm.errors import UserError
 from fundamentallm.files import atomic_write_bytes
-from fundamentallm.metrics import METRICS_FILE, read_metrics
+from fundamentallm.metrics import read_metrics
+from fundamentallm.runfiles import METRICS, PLOT
 
 INSTALL_HINT = "pip install 'fundamentallm[plot]'"
-RUN_PLOT = "training.png"
 # Validation loss "turns up" when at least TURN_MIN_EVALS evaluations follow the best one and the last of them is
 # worse than the best by more than TURN_TOLERANCE (relative): a single noisy evaluation after the best, or a curve
 # that merely flattens, is not marked as overfitting.
@@ -119,8 +119,8 @@ def load_curves(run_dir: Path, name: str | None = None) -> RunCurves:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise UserError(f"run directory {run_dir} does not exist")
-    if not (run_dir / METRICS_FILE).is_file():
-        raise UserError(f"{run_dir} holds no {METRICS_FILE}; give the output directory of a training run "
+    if not (run_dir / METRICS).is_file():
+        raise UserError(f"{run_dir} holds no {METRICS}; give the output directory of a training run "
                         f"(the -o of 'fundamentallm train')")
     curves = RunCurves(name or run_dir.name)
     for record in read_metrics(run_dir):
@@ -135,7 +135,7 @@ def load_curves(run_dir: Path, name: str | None = None) -> RunCurves:
             curves.eval_steps.append(record["step"])
             curves.val_loss.append(record.get("val_loss", math.nan))
     if not curves.train_steps and not curves.eval_steps:
-        raise UserError(f"{run_dir / METRICS_FILE} holds no training records yet; nothing to plot")
+        raise UserError(f"{run_dir / METRICS} holds no training records yet; nothing to plot")
     return curves
 
 
@@ -212,7 +212,7 @@ def plot_runs(run_dirs: Sequence[Path], output: Path | None = None) -> Path:
     if not run_dirs:
         raise UserError("give at least one run directory")
     if output is None:
-        output = Path(run_dirs[0]) / RUN_PLOT if len(run_dirs) == 1 else Path("comparison.png")
+        output = Path(run_dirs[0]) / PLOT if len(run_dirs) == 1 else Path("comparison.png")
     output = _check_png_path(output)
     curves = [load_curves(d, n) for d, n in zip(run_dirs, _run_names(run_dirs), strict=True)]
     require_matplotlib("plot")
@@ -222,12 +222,12 @@ def plot_runs(run_dirs: Sequence[Path], output: Path | None = None) -> Path:
 def plot_finished_run(run_dir: Path) -> Path | None:
     """The picture written at the end of every run. A plot is a convenience: nothing here may fail a run."""
     if not matplotlib_available():
-        info(f"(no {RUN_PLOT}: matplotlib is not installed; {INSTALL_HINT})")
+        info(f"(no {PLOT}: matplotlib is not installed; {INSTALL_HINT})")
         return None
     try:
-        path = _save(draw_runs([load_curves(run_dir)]), Path(run_dir) / RUN_PLOT)
+        path = _save(draw_runs([load_curves(run_dir)]), Path(run_dir) / PLOT)
     except Exception as exc:
-        warn(f"could not draw {Path(run_dir) / RUN_PLOT}: {exc}")
+        warn(f"could not draw {Path(run_dir) / PLOT}: {exc}")
         return None
     info(f"Plot: {path}")
     return path

@@ -6,8 +6,11 @@ shell, a cluster job writing to shared storage) whether it is still going or not
 
 A run's state:
 - finished / interrupted / failed: the last record of metrics.jsonl is an "end" record saying so;
-- running: no end record and metrics.jsonl changed recently (within a few of the run's own logging intervals);
-- stopped: no end record and no recent change: the process was killed (out of memory, kill -9, a lost node).
+- running: a live process holds the directory (runfiles.hold: an OS lock that dies with the process), or, for a
+  run whose process this machine cannot see (shared storage), no end record and metrics.jsonl changed recently
+  (within a few of the run's own logging intervals);
+- stopped: no end record, nobody holds the directory and no recent change: the process was killed (out of
+  memory, kill -9, a lost node).
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fundamentallm.console import duration
 from fundamentallm.errors import UserError
-from fundamentallm.metrics import METRICS_FILE, read_metrics
+from fundamentallm.metrics import read_metrics
+from fundamentallm.runfiles import METRICS, live_holder
 
-FINAL = "final_model.pt"  # checkpoint.FINAL; not imported, so that status never has to import torch
-INTERRUPTED = "interrupted.pt"
 # A run counts as running while metrics.jsonl is younger than this many of its own record intervals, and at
 # least STALE_MIN_SECONDS (an evaluation pass can take a while between records).
 STALE_INTERVALS = 5
@@ -49,34 +52,27 @@ class RunStatus:
     elapsed_seconds: float | None = None
     eta_seconds: float | None = None
     error: str | None = None
+    process: str | None = None  # "pid N: command" of the live process holding the run directory
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def duration(seconds: float) -> str:
-    seconds = round(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 def run_status(run_dir: Path, now: float | None = None) -> RunStatus:
     run_dir = Path(run_dir)
-    path = run_dir / METRICS_FILE
+    path = run_dir / METRICS
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist" if not run_dir.exists()
                         else f"{run_dir} is a file; give the output directory of a training run")
     if not path.is_file():
-        raise UserError(f"{run_dir} holds no {METRICS_FILE}; give the output directory of a training run "
+        raise UserError(f"{run_dir} holds no {METRICS}; give the output directory of a training run "
                         f"(the -o of 'fundamentallm train')")
     records = read_metrics(run_dir)
     age = max(0.0, (time.time() if now is None else now) - path.stat().st_mtime)
-    status = RunStatus(str(run_dir), "running", age)
+    status = RunStatus(str(run_dir), "running", age, process=live_holder(run_dir))
     run = next((r for r in records if r.get("kind") == "run"), {})
     trains = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    ends = [r for r in records if r.get("kind") == "end"]
     # The run record is written by the current session (rewritten on resume), so it knows about more epochs.
     status.epochs = run.get("config", {}).get("training", {}).get("epochs")
     status.total_steps = run.get("total_steps")
@@ -95,12 +91,11 @@ def run_status(run_dir: Path, now: float | None = None) -> RunStatus:
                   and math.isfinite(r["val_loss"])]
         status.best_val_loss = min(finite) if finite else None
 
-    if records and records[-1].get("kind") == "end":
+    if status.process is not None:
+        pass  # running, whatever the records say: a resumed run's file starts with the old run's records
+    elif records and records[-1].get("kind") == "end":
         status.state = records[-1].get("status", "finished")
         status.error = records[-1].get("error")
-    elif not ends and (run_dir / FINAL).exists() and not (run_dir / INTERRUPTED).exists() \
-            and status.total_steps is not None and status.step >= status.total_steps:
-        status.state = "finished"  # a run from before end records existed
     else:
         # How often does this run write? The median gap between its records (in its own elapsed time).
         times = [r["elapsed"] for r in stepped if isinstance(r.get("elapsed"), (int, float))]
@@ -118,7 +113,7 @@ def format_status(status: RunStatus) -> str:
     run_dir = status.run_dir
     ago = f"last update {duration(status.last_update_seconds_ago)} ago"
     headline = {
-        "running": f"running ({ago})",
+        "running": f"running ({status.process or 'no process seen on this machine'}; {ago})",
         "finished": f"finished ({ago})",
         "interrupted": f"interrupted ({ago}); continue with: fundamentallm train --resume auto -o {run_dir}",
         "failed": f"failed ({ago}): {status.error}",

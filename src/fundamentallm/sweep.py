@@ -28,13 +28,13 @@ import yaml
 
 from fundamentallm.checkpoint import find_resumable
 from fundamentallm.config import Config, config_from_dict, parse_value, resolve_config
-from fundamentallm.console import info, warn
+from fundamentallm.console import duration, info, warn
 from fundamentallm.data import prepare_tokens
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write_bytes
-from fundamentallm.metrics import METRICS_FILE, read_metrics
-from fundamentallm.plot import matplotlib_available, plot_runs
-from fundamentallm.status import duration
+from fundamentallm.metrics import read_metrics
+from fundamentallm.plot import matplotlib_available, plot_finished_run, plot_runs
+from fundamentallm.runfiles import CONFIG, FINAL, METRICS, hold
 from fundamentallm.train import train
 
 RESULTS_CSV = "results.csv"
@@ -119,7 +119,7 @@ def plan(config_name: str | None, overrides: list[tuple[str, Any, str]], axes: l
 
 
 def _check_same_config(run: SweepRun) -> None:
-    path = run.directory / "config.yaml"
+    path = run.directory / CONFIG
     if not path.exists():
         return
     try:
@@ -136,7 +136,7 @@ def _check_same_config(run: SweepRun) -> None:
 
 
 def _last_end(run_dir: Path) -> dict[str, Any] | None:
-    if not (run_dir / METRICS_FILE).exists():
+    if not (run_dir / METRICS).exists():
         return None
     records = read_metrics(run_dir)
     return records[-1] if records and records[-1].get("kind") == "end" else None
@@ -144,7 +144,7 @@ def _last_end(run_dir: Path) -> dict[str, Any] | None:
 
 def summarize(run: SweepRun) -> dict[str, Any]:
     """The run's row of the results table, from its metrics.jsonl."""
-    records = read_metrics(run.directory) if (run.directory / METRICS_FILE).exists() else []
+    records = read_metrics(run.directory) if (run.directory / METRICS).exists() else []
     evals = [r for r in records if r.get("kind") == "eval" and math.isfinite(r.get("val_loss", math.nan))]
     trains = [r for r in records if r.get("kind") == "train"]
     stepped = [r for r in records if "step" in r]
@@ -247,41 +247,15 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
     # are cached, so the runs do not tokenize again.
     prepare_tokens(data_paths, runs[0].config.training.validation_split, runs[0].config.data.min_char_frequency)
     interrupted_by: int | None = None
-    for index, run in enumerate(runs, start=1):
-        label = f"[{index}/{len(runs)}] {run.name}"
-        end = _last_end(run.directory)
-        if end is not None and end.get("status") == "finished" and (run.directory / "final_model.pt").exists():
-            run.status = "finished earlier"
-            info(f"{label}: finished earlier, skipping")
-        elif end is not None and end.get("status") == "failed":
-            run.status, run.error = "failed", _first_sentence(end.get("error", ""))
-            info(f"{label}: failed earlier ({run.error}); skipping it (remove {run.directory} to retry)")
-        else:
-            resume_from = find_resumable(run.directory) if run.directory.exists() else None
-            overwrite = resume_from is None and run.directory.exists() and any(run.directory.iterdir())
-            if resume_from is not None:
-                info(f"{label}: resuming from {resume_from[0].name}")
-            elif overwrite:
-                info(f"{label}: stopped before its first checkpoint; starting it over")
-            else:
-                info(f"{label}")
-            try:
-                result = train(run.config, data_paths, run.directory, device=device, resume_from=resume_from,
-                               overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium")
-            except (TrainingFailed, UserError) as exc:
-                # A learning rate too high for this batch, or a sequence length the data is too short for:
-                # a result for this combination, not a reason to drop the others.
-                run.status, run.error = "failed", _first_sentence(str(exc))
-                warn(f"{label} failed: {exc}")
-            else:
-                interrupted_by = result.interrupted_by
-                run.status = ("interrupted" if interrupted_by is not None else "resumed" if resume_from
-                              else "finished")
-        run.row = summarize(run)
-        write_results(_sorted_rows(runs), csv_path)
-        info()
-        if interrupted_by is not None:
-            break
+    with hold(output_dir):  # one sweep at a time in a directory (each run holds its own directory too)
+        for index, run in enumerate(runs, start=1):
+            interrupted_by = _run_one(run, f"[{index}/{len(runs)}] {run.name}", data_paths, config_name, device,
+                                      tensorboard)
+            run.row = summarize(run)
+            write_results(_sorted_rows(runs), csv_path)
+            info()
+            if interrupted_by is not None:
+                break
 
     rows = _sorted_rows(runs)
     if interrupted_by is not None:
@@ -296,3 +270,40 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
         except Exception as exc:  # a picture is never worth failing a finished sweep
             warn(f"could not draw {output_dir / SWEEP_PLOT}: {exc}")
     return SweepResult(runs, rows, csv_path, interrupted_by)
+
+
+def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str | None, device: str,
+             tensorboard: bool) -> int | None:
+    """Skip, resume or start one combination; returns the signal that interrupted it, if one did."""
+    end = _last_end(run.directory)
+    if end is not None and end.get("status") == "finished" and (run.directory / FINAL).exists():
+        run.status = "finished earlier"
+        info(f"{label}: finished earlier, skipping")
+        return None
+    if end is not None and end.get("status") == "failed":
+        run.status, run.error = "failed", _first_sentence(end.get("error", ""))
+        info(f"{label}: failed earlier ({run.error}); skipping it (remove {run.directory} to retry)")
+        return None
+    resume_from = find_resumable(run.directory) if run.directory.exists() else None
+    overwrite = resume_from is None and run.directory.exists() and any(run.directory.iterdir())
+    if resume_from is not None:
+        info(f"{label}: resuming from {resume_from.path.name}")
+    elif overwrite:
+        info(f"{label}: stopped before its first checkpoint; starting it over")
+    else:
+        info(f"{label}")
+    try:
+        result = train(run.config, data_paths, run.directory, device=device, resume_from=resume_from,
+                       overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium")
+    except (TrainingFailed, UserError) as exc:
+        # A learning rate too high for this batch, or a sequence length the data is too short for: a result for
+        # this combination, not a reason to drop the others.
+        run.status, run.error = "failed", _first_sentence(str(exc))
+        warn(f"{label} failed: {exc}")
+        return None
+    if result.interrupted_by is not None:
+        run.status = "interrupted"
+        return result.interrupted_by
+    run.status = "resumed" if resume_from else "finished"
+    plot_finished_run(run.directory)
+    return None

@@ -1,0 +1,117 @@
+"""Optimizers, the learning-rate schedule and one optimizer step: what every training run (and the range
+test) does to the weights."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fundamentallm.config import TrainingConfig
+from fundamentallm.errors import UserError
+from fundamentallm.model import GPT
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fundamentallm.data import BatchSampler
+
+
+def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainingConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the configured decay."""
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.scheduler == "constant":
+        return peak
+    if cfg.scheduler == "step":  # step_size counts epochs, as in the training guide
+        drops = step // (cfg.step_size * steps_per_epoch)
+        return max(peak * cfg.gamma**drops, floor)
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.scheduler == "linear":
+        return peak - (peak - floor) * progress
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class MuonAdamW:
+    """Two optimizers stepped as one: what the loop, the gradient scaler and checkpoints see."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+
+
+Optimizer = torch.optim.Optimizer | MuonAdamW
+
+
+def make_optimizer(model: GPT, cfg: TrainingConfig, device: torch.device) -> Optimizer:
+    """AdamW, or Muon for the blocks' weight matrices plus AdamW for everything else (training.optimizer)."""
+    fused = device.type in ("cuda", "cpu")  # fused AdamW kernels exist for both since PyTorch 2.4
+
+    def adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        # Weight decay on matrices and embeddings only; biases and norm gains are not decayed.
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+    if cfg.optimizer == "adamw":
+        return adamw(list(model.parameters()))
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"training.optimizer=muon needs PyTorch 2.9 or newer (this is {torch.__version__}); "
+                        f"upgrade PyTorch or use training.optimizer=adamw")
+    matrices = [p for block in model.blocks for p in block.parameters() if p.dim() == 2]
+    ids = {id(p) for p in matrices}
+    # match_rms_adamw scales Muon's orthogonalised update to AdamW's size, so one learning rate serves both.
+    muon = torch.optim.Muon(matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw([p for p in model.parameters() if id(p) not in ids]))
+
+
+def set_lr(optimizer: Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(step_model: torch.nn.Module, model: GPT, optimizer: Optimizer, scaler: torch.amp.GradScaler,
+                   sampler: BatchSampler, cfg: TrainingConfig, amp: torch.dtype | None,
+                   ddp: DistributedDataParallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: gradient_accumulation_steps micro-batches, unscale, clip, step. Returns the mean loss
+    and the gradient norm as device tensors, so the caller decides when to synchronise."""
+    accum = cfg.gradient_accumulation_steps
+    loss_sum = torch.zeros((), device=sampler.device)
+    for micro in range(accum):
+        x, y = sampler.next()
+        # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
+        sync = ddp is None or micro == accum - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync(), \
+                torch.autocast(sampler.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            _, loss = step_model(x, y)
+        scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clip_norm or math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accum, norm

@@ -1,0 +1,208 @@
+"""Set-up of a training run: from a Config (and, when resuming, a checkpoint) to everything the loop needs.
+
+`train` and the learning-rate range test both start here, so they train the same model on the same batches
+with the same device, precision, optimizer and compilation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from fundamentallm import checkpoint as ckpt
+from fundamentallm import distributed
+from fundamentallm.config import Config, TrainingConfig
+from fundamentallm.console import warn
+from fundamentallm.data import BatchSampler, TokenData, as_tensor, prepare_tokens
+from fundamentallm.device import (
+    autocast_dtype,
+    check_memory,
+    compile_model,
+    enable_tf32,
+    fits_on_device,
+    model_memory,
+    oom_remedies,
+)
+from fundamentallm.errors import UserError
+from fundamentallm.model import GPT
+from fundamentallm.optim import Optimizer, make_optimizer
+from fundamentallm.runfiles import RUN_FILES
+
+
+@dataclass
+class Run:
+    """Everything one training run works with, built once by `setup_run`."""
+
+    config: Config
+    data: TokenData
+    device: torch.device
+    dist: distributed.Dist
+    amp: torch.dtype | None  # autocast dtype; None: fp32
+    model: GPT  # the plain model: what is saved and evaluated
+    step_model: torch.nn.Module  # what a training step runs: the model, wrapped by DDP and/or torch.compile
+    ddp: DistributedDataParallel | None
+    optimizer: Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BatchSampler
+    val_tokens: torch.Tensor | np.ndarray
+    progress: ckpt.TrainingProgress
+    started_at: float = 0.0  # perf_counter() when the run (first session included) would have started
+
+    @property
+    def cfg(self) -> TrainingConfig:
+        return self.config.training
+
+    @property
+    def tokens_per_step(self) -> int:
+        cfg = self.cfg
+        return cfg.batch_size * cfg.gradient_accumulation_steps * cfg.sequence_length * self.dist.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.data.train) / self.tokens_per_step))
+
+    @property
+    def compiled(self) -> bool:
+        return self.step_model is not (self.ddp or self.model)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started_at
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def load_data(config: Config, data_paths: list[str], dist: distributed.Dist = distributed.SINGLE) -> TokenData:
+    """The tokenized corpus. Under torchrun the first process on each machine builds that machine's token cache,
+    the others then read it; an error on any rank stops every rank cleanly (distributed.collectively)."""
+    cfg = config.training
+
+    def prepare() -> TokenData:
+        data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
+        check_data_size(data, cfg)
+        return data
+
+    with distributed.collectively(dist):
+        if dist.is_local_main:
+            data = prepare()
+    with distributed.collectively(dist):
+        if not dist.is_local_main:
+            data = prepare()
+    return data
+
+
+def check_data_size(data: TokenData, cfg: TrainingConfig) -> None:
+    need = cfg.sequence_length + 1
+    if len(data.train) < need:
+        raise UserError(
+            f"the training part of the data holds {len(data.train):,} characters, fewer than one training window "
+            f"(sequence_length {cfg.sequence_length} + 1); use more text"
+            + (f" or a smaller --sequence-length (at most {len(data.train) - 1})" if len(data.train) > 2 else ""))
+    if len(data.val) < 2:
+        raise UserError(f"the validation part of the data holds {len(data.val)} character(s); raise "
+                        f"training.validation_split or use more text")
+
+
+def setup_run(config: Config, data_paths: list[str], device: torch.device,
+              dist: distributed.Dist = distributed.SINGLE, resume: ckpt.Checkpoint | None = None) -> Run:
+    """Data, model, optimizer, precision, gradient scaler and sampler on `device`; restored from `resume` when
+    given; wrapped for DDP and torch.compile last."""
+    cfg = config.training
+    data = load_data(config, data_paths, dist)
+    with distributed.collectively(dist):
+        if resume is not None:
+            ckpt.check_resume_compatible(resume, config, data)
+        check_fits(config, data.tokenizer.vocab_size, device)
+    check_same_everywhere(config, data, dist)
+    # Each rank its own seed, so that dropout masks differ between ranks; rank 0's is the single-process seed,
+    # so it initialises the same model (DDP then copies rank 0's weights to the others).
+    seed_everything(cfg.seed + dist.rank, cfg.deterministic)
+    enable_tf32(device)
+    resident = fits_on_device(len(data.train) + len(data.val), data.train.dtype, device)
+    train_tokens = as_tensor(data.train, device) if resident else data.train
+    model = GPT.from_config(config, data.tokenizer.vocab_size).to(device)
+    amp = autocast_dtype(device, cfg.use_mixed_precision)
+    run = Run(config=config, data=data, device=device, dist=dist, amp=amp, model=model, step_model=model,
+              ddp=None, optimizer=make_optimizer(model, cfg, device),
+              scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+              sampler=BatchSampler(train_tokens, cfg.batch_size, cfg.sequence_length, device, seed=cfg.seed,
+                                   rank=dist.rank, world_size=dist.world_size),
+              val_tokens=as_tensor(data.val, device) if resident else data.val,
+              progress=ckpt.TrainingProgress())
+    if resume is not None:
+        restore_run(run, resume)
+    # DDP wraps the model first and torch.compile wraps DDP: the order PyTorch documents for compiled DDP.
+    if dist.enabled:
+        run.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run.step_model = compile_model(run.ddp or model, cfg, device)
+    return run
+
+
+def check_fits(config: Config, vocab_size: int, device: torch.device) -> None:
+    """Refuse a model, batch and context that cannot fit in the device's memory, before allocating any of it."""
+    cfg = config.training
+    with torch.device("meta"):
+        shape = GPT.from_config(config, vocab_size)
+    needed = model_memory(shape, cfg.batch_size, cfg.sequence_length, training=True, optimizer=cfg.optimizer)
+    check_memory(needed, device, f"training this model ({shape.num_parameters():,} parameters, batch "
+                 f"{cfg.batch_size} x {cfg.sequence_length} tokens)", oom_remedies(cfg))
+
+
+def check_same_everywhere(config: Config, data: TokenData, dist: distributed.Dist) -> None:
+    """Under torchrun, every process must train the same config on the same data: processes started with
+    different flags or files would fall out of step in their collectives."""
+    key = hashlib.sha256(json.dumps([config.to_dict(), data.fingerprint], sort_keys=True).encode()).digest()
+    if distributed.same_on_all_ranks(dist, int.from_bytes(key[:7], "big")):
+        return
+    if not dist.is_main:
+        raise distributed.PeerFailed([0], quiet=True)  # rank 0 says what is wrong, once
+    raise UserError("the processes of this torchrun were started with different configurations or different "
+                    "data; start every process with the same command, config file and DATA")
+
+
+def restore_run(run: Run, checkpoint: ckpt.Checkpoint) -> None:
+    """Continue exactly where `checkpoint` stopped: weights, optimizer, scaler, sampler, RNGs and counters."""
+    run.progress = ckpt.restore(checkpoint, run.model, run.optimizer, run.scaler, run.sampler, run.device,
+                                run.dist, run.cfg.seed)
+    if not distributed.same_on_all_ranks(run.dist, run.progress.step):  # e.g. a node without the checkpoint
+        if not run.dist.is_main:
+            raise distributed.PeerFailed([0], quiet=True)  # rank 0 says what is wrong, once
+        raise UserError(f"the processes disagree on where to resume (some start at step {run.progress.step:,}, "
+                        f"others elsewhere): with --nnodes, put -o/--output-dir on a filesystem every machine "
+                        f"shares, or give --resume PATH to a checkpoint present on every machine")
+
+
+def resolve_resume(resume: str | None, output_dir: Path, data: list[str]) -> ckpt.Checkpoint | None:
+    """The checkpoint that `train --resume PATH|auto` continues from; None starts a new run."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return ckpt.resume_checkpoint(resume)
+    found = ckpt.find_resumable(output_dir)
+    if found is not None:
+        return found
+    if list(output_dir.glob("*.pt")):
+        raise UserError(f"--resume auto: {output_dir} holds no checkpoint that can be resumed (see the "
+                        f"warnings above); use --overwrite to start again")
+    if any((output_dir / name).exists() for name in RUN_FILES):
+        raise UserError(f"--resume auto: the run in {output_dir} stopped before its first checkpoint; "
+                        f"use --overwrite to start it again")
+    if not data:
+        raise UserError(f"--resume auto: no checkpoint in {output_dir} to continue, and no DATA to start "
+                        f"a new run with; give DATA (a text file, several, or a directory)")
+    warn(f"--resume auto: no checkpoint in {output_dir} yet; starting a new run")
+    return None

@@ -1,0 +1,198 @@
+"""The files of a run directory: every name once, and the rules for starting a run in a directory.
+
+No torch here, so that `status`, `plot` and `sweep` can read a run's directory without loading it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from fundamentallm.errors import UserError
+from fundamentallm.files import remove_stale_temporaries
+
+CONFIG = "config.yaml"  # the resolved configuration
+METRICS = "metrics.jsonl"  # one JSON record per log interval and evaluation
+PLOT = "training.png"  # the run's curves, drawn when it finishes
+TENSORBOARD = "tensorboard"  # event files, with --tensorboard
+BEST = "best_model.pt"  # weights only, at the lowest validation loss
+FINAL = "final_model.pt"
+INTERRUPTED = "interrupted.pt"
+LR_FIND_CSV = "lr_find.csv"  # the range test's output (train --learning-rate auto puts it in the run directory)
+LR_FIND_PLOT = "lr_find.png"
+RUN_FILES = (CONFIG, METRICS, BEST, FINAL, INTERRUPTED, PLOT)
+_PERIODIC = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
+
+
+def periodic_name(epoch: int) -> str:
+    return f"checkpoint_epoch_{epoch}.pt"
+
+
+def periodic_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every checkpoint_epoch_N.pt in `directory`, oldest first."""
+    found = []
+    for p in Path(directory).glob("checkpoint_epoch_*.pt"):
+        match = _PERIODIC.match(p.name)
+        if match:
+            found.append((int(match.group(1)), p))
+    return sorted(found)
+
+
+def resumable_files(directory: Path) -> list[Path]:
+    """The files of a run that may hold a training state: periodic checkpoints, interrupted.pt, final_model.pt."""
+    directory = Path(directory)
+    candidates = [p for _, p in periodic_checkpoints(directory)]
+    return candidates + [p for p in (directory / INTERRUPTED, directory / FINAL) if p.exists()]
+
+
+def prune_periodic(directory: Path, keep_last_n: int) -> None:
+    """Keep the newest `keep_last_n` checkpoint_epoch_N.pt files (0 keeps all)."""
+    if keep_last_n <= 0:
+        return
+    for _, path in periodic_checkpoints(directory)[:-keep_last_n]:
+        path.unlink(missing_ok=True)
+
+
+def check_output_dir(output_dir: Path, resume_path: Path | None, overwrite: bool) -> list[str]:
+    """Refuse to mix two runs in one directory unless --resume or --overwrite says what to do; returns the
+    files of an earlier run there. Nothing is created or removed yet, so a later error leaves all as it was.
+
+    Resuming from a checkpoint inside the directory continues that run there; resuming from one elsewhere
+    branches a new run off it, which needs a directory without a run of its own."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"-o {output_dir} is a file, not a directory")
+    existing = [name for name in RUN_FILES if (output_dir / name).exists()]
+    existing += [p.name for _, p in periodic_checkpoints(output_dir)]
+    in_place = resume_path is not None and resume_path.resolve().parent == output_dir.resolve()
+    if existing and resume_path is not None and not in_place:
+        raise UserError(f"{output_dir} already holds another run ({', '.join(sorted(existing)[:4])}); to branch "
+                        f"off {resume_path}, give an -o/--output-dir without a run in it")
+    if existing and resume_path is None and not overwrite:
+        raise UserError(f"{output_dir} already holds a run ({', '.join(sorted(existing)[:4])}); continue it "
+                        f"with --resume auto, replace it with --overwrite, or choose another -o/--output-dir")
+    parent = output_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write to {parent}: permission denied; choose another -o/--output-dir")
+    return existing
+
+
+def start_output_dir(output_dir: Path, earlier_run: list[str], resume: bool) -> None:
+    """Create the directory; with --overwrite, remove the earlier run's files only now that the new run starts."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {output_dir}: {exc.strerror}") from None
+    remove_stale_temporaries(output_dir)  # left by a process killed while saving
+    if not resume:
+        for name in earlier_run:
+            (output_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(output_dir / TENSORBOARD, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One live process per run directory
+
+
+LOCK = ".fundamentallm.lock"  # while a process holds the directory: its pid and command
+_held: dict[Path, int] = {}  # directories this process holds -> how many nested `hold` blocks
+
+
+@contextlib.contextmanager
+def hold(directory: Path) -> Iterator[None]:
+    """Hold `directory` for this process while the block runs: another train, resume, overwrite or sweep into it
+    is refused, naming this process. The lock is the operating system's (flock), so it dies with the process: a
+    killed run never leaves a stale lock behind (at most a lock file that nobody holds). A directory this creates
+    is removed again if the block fails while it is still empty."""
+    directory = Path(directory).resolve()
+    if directory in _held:  # nested: e.g. train --learning-rate auto holds it for the range test and the run
+        _held[directory] += 1
+        try:
+            yield
+        finally:
+            _held[directory] -= 1
+        return
+    created = not directory.exists()
+    fd = _acquire(directory)
+    _held[directory] = 1
+    try:
+        yield
+    except BaseException:
+        if created and {p.name for p in directory.iterdir()} <= {LOCK}:
+            _release(directory, fd)
+            fd = -1
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    finally:
+        del _held[directory]
+        if fd >= 0:
+            _release(directory, fd)
+
+
+def _acquire(directory: Path) -> int:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"-o {directory} is a file, not a directory") from None
+    except OSError as exc:
+        raise UserError(f"cannot create {directory}: {exc.strerror}; choose another -o/--output-dir") from None
+    path = directory / LOCK
+    for attempt in range(40):  # `status` takes the lock for a moment to look: wait that out
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write to {directory}: {exc.strerror}; choose another -o/--output-dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            if attempt == 39:
+                raise UserError(f"{directory} is in use by a running FundamentaLLM process ({holder}); wait for "
+                                f"it to finish or stop it first, or choose another -o/--output-dir") from None
+            time.sleep(0.05)
+            continue
+        # The holder before us removes the file when it lets go: a lock on a file no longer at `path` holds nothing.
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}: {shlex.join(sys.argv)}\n".encode())
+            return fd
+        os.close(fd)
+    raise UserError(f"could not lock {directory}; try again")
+
+
+def _release(directory: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        (directory / LOCK).unlink()  # while still locked: the next holder then locks a file of its own
+    os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    return text[:300] or "pid unknown"
+
+
+def live_holder(directory: Path) -> str | None:
+    """'pid N: command' of the live process holding `directory`, or None when no process holds it."""
+    try:
+        fd = os.open(Path(directory) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+    return None
