@@ -61,6 +61,7 @@ class TrainingProgress:
     # window short: the resumed run writes the record the uninterrupted run would have written.
     pending_losses: list[float] = field(default_factory=list)
     pending_norms: list[float] = field(default_factory=list)
+    planned_steps: int = 0  # the run's steps, once a time budget has fixed them (0: not fixed)
 
 
 @dataclass
@@ -189,7 +190,8 @@ def _parse(payload: dict[str, Any], path: Path) -> Checkpoint:
         shape = GPT.from_config(config, tokenizer.vocab_size)
     weights = _check_weights(payload["model"], shape)
     progress = _typed(TrainingProgress, payload["progress"], "progress")
-    if min(progress.step, progress.epochs_done, progress.step_in_epoch, progress.tokens_seen) < 0:
+    if min(progress.step, progress.epochs_done, progress.step_in_epoch, progress.tokens_seen,
+           progress.planned_steps) < 0:
         raise _Malformed("progress: a negative counter")
     state = payload.get("training_state")
     if state is not None:
@@ -255,16 +257,22 @@ _T = typing.TypeVar("_T")
 
 
 def _typed(cls: type[_T], raw: Any, what: str) -> _T:
-    """An instance of dataclass `cls` from a dict, every field present and of its declared type."""
+    """An instance of dataclass `cls` from a dict, every field of its declared type. Fields added in later
+    versions (those with a default) may be absent from older files."""
     if not isinstance(raw, dict):
         raise _Malformed(what)
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in raw and f.name in _ADDED_FIELDS:
+            continue
         if f.name not in raw or not _is_instance(raw[f.name], hints[f.name]):
             raise _Malformed(f"{what}.{f.name}")
         values[f.name] = raw[f.name]
     return cls(**values)
+
+
+_ADDED_FIELDS = {"planned_steps"}  # fields newer than format version 1's first release
 
 
 def _is_instance(value: Any, hint: Any) -> bool:

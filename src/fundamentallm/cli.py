@@ -84,6 +84,18 @@ def _tensorboard_option(help: str = "Also write TensorBoard event files (needs t
     return click.option("--tensorboard", is_flag=True, help=help)
 
 
+def _threads_option() -> Any:
+    return click.option("--threads", type=click.IntRange(min=1, max=4096), callback=_set_threads,
+                        expose_value=False, is_eager=True,
+                        help="CPU threads for PyTorch. Default: the cores this process may use.")
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    from fundamentallm.device import set_threads
+
+    set_threads(value)
+
+
 def _output_dir_option(default: str, help: str) -> Any:
     return click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path(default),
                         show_default=True, help=help)
@@ -124,9 +136,14 @@ def _float_flag(value: str | None, flag: str) -> float | None:
               help="Peak learning rate (training.learning_rate); auto: run the range test (lr-find) first.")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (training.batch_size).")
 @click.option("--epochs", type=int, help="Passes over the training split (training.epochs).")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (training.max_steps).")
+@click.option("--time-budget", metavar="DURATION",
+              help="Train for this long, e.g. 90s, 10m, 1h30m: the number of steps is fixed from the speed of the "
+                   "first steps so that the schedule ends in time (training.time_budget).")
 @click.option("--sequence-length", type=int, help="Context length in characters (training.sequence_length).")
 @click.option("--seed", type=int, help="Random seed (training.seed).")
 @_device_option()
+@_threads_option()
 @_output_dir_option("checkpoints", "Where checkpoints, config.yaml and metrics.jsonl go.")
 @_set_option()
 @click.option("--resume", metavar="PATH|auto",
@@ -134,7 +151,8 @@ def _float_flag(value: str | None, flag: str) -> float | None:
 @click.option("--overwrite", is_flag=True, help="Replace a run already in the output directory.")
 @_tensorboard_option()
 def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | None, batch_size: int | None,
-          epochs: int | None, sequence_length: int | None, seed: int | None, device: str, output_dir: Path,
+          epochs: int | None, max_steps: int | None, time_budget: str | None, sequence_length: int | None,
+          seed: int | None, device: str, output_dir: Path,
           assignments: tuple[str, ...], resume: str | None, overwrite: bool, tensorboard: bool) -> None:
     """Train a model on DATA: one or more text files, or directories of .txt files."""
     from fundamentallm.config import resolve_config
@@ -155,7 +173,8 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
         raise UserError("--learning-rate auto tunes a new run; a resumed run keeps its rate (or give a number)")
     overrides = _overrides(assignments, learning_rate=None if auto_lr else _float_flag(learning_rate,
                                                                                       "--learning-rate"),
-                           batch_size=batch_size, epochs=epochs, sequence_length=sequence_length, seed=seed)
+                           batch_size=batch_size, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
+                           sequence_length=sequence_length, seed=seed)
     base = (resume_from.config.to_dict(), f"checkpoint {resume_from.path}") if resume_from else None
     config = resolve_config(config_name, overrides, base=base)
     if auto_lr:
@@ -164,7 +183,7 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
         config = auto_learning_rate(config, list(data), output_dir, device=device, overwrite=overwrite)
     result = run_training(config, list(data), output_dir, device=device, resume_from=resume_from,
                           overwrite=overwrite, tensorboard=tensorboard,
-                          config_origin=config_name or (base[1] if base else "medium"))
+                          config_origin=config_name or (base[1] if base else "medium (default)"))
     if result.interrupted_by is not None:
         sys.exit(128 + result.interrupted_by)  # the shell convention for "ended by signal N"
     if result.wrote_files:
@@ -191,6 +210,7 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
 @click.option("--seed", type=int, help="Seed for reproducible samples.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
 @_device_option()
+@_threads_option()
 def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature: float, top_k: int,
              top_p: float, seed: int | None, num_samples: int, device: str) -> None:
     """Generate text from a checkpoint, streaming it as it is produced."""
@@ -248,6 +268,7 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @_device_option()
+@_threads_option()
 def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, device: str) -> None:
     """Loss, perplexity and bits per character of CHECKPOINT on DATA (default: the run's validation split)."""
     from fundamentallm.evaluate import evaluate as run_evaluation
@@ -282,6 +303,7 @@ def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size:
 @click.option("--diverge-factor", type=float,
               help="Stop when the smoothed loss exceeds this multiple of its best (default 4).")
 @_device_option()
+@_threads_option()
 @_output_dir_option("lr_find", "Where lr_find.csv and lr_find.png go.")
 def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | None, sequence_length: int | None,
             assignments: tuple[str, ...], start_lr: float | None, end_lr: float | None, steps: int | None,
@@ -305,6 +327,7 @@ def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | No
 @click.option("--epochs", type=int, help="Epochs per run (training.epochs).")
 @_set_option("Set any config key for every run (repeatable).")
 @_device_option()
+@_threads_option()
 @_output_dir_option("sweep", "One directory per run goes in here, and results.csv.")
 @_tensorboard_option("Also write TensorBoard event files for every run.")
 def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None, epochs: int | None,

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fundamentallm.errors import UserError
 from fundamentallm.files import atomic_write_bytes
@@ -77,6 +78,10 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    time_budget: float | None = Field(
+        None, gt=0, le=366 * 86400,
+        description="wall-clock budget in seconds (or 10m, 1h30m, ...): the run measures its speed over its first "
+                    "steps, then fixes the number of steps so that the learning-rate schedule ends in time")
     sequence_length: int = Field(256, ge=1, description="context length in tokens")
     warmup_steps: int = Field(100, ge=0, description="optimizer steps of linear warm-up")
     scheduler: Literal["cosine", "linear", "step", "constant"] = "cosine"
@@ -103,6 +108,14 @@ class TrainingConfig(_Section):
     seed: int = Field(42, ge=0)
     deterministic: bool = False
     log_interval: int = Field(10, ge=1, description="optimizer steps between metric records")
+    sample_tokens: int = Field(
+        100, ge=0, le=10_000,
+        description="characters sampled from a fixed prompt after each evaluation, shown and recorded; 0: none")
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
 
 
 class DataConfig(_Section):
@@ -118,6 +131,15 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '1h30m', '2h' -> seconds. Raises ValueError with the accepted forms."""
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 10m, 1h or 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

@@ -49,12 +49,17 @@ def _stderr_is_terminal() -> bool:
     return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
 
 
+_NO_REMAINING = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+
 class Progress:
     """A progress bar that looks like tqdm on a terminal and degrades to periodic plain lines in a log."""
 
     def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0,
-                 log_every_seconds: float = 30.0, unit_scale: bool = False) -> None:
+                 log_every_seconds: float = 30.0, unit_scale: bool = False, remaining: bool = True) -> None:
+        """remaining=False leaves tqdm's time-remaining estimate out (when the caller shows a better one)."""
         self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
+        self.bar_format = None if remaining else _NO_REMAINING
         self.n = initial
         self.initial = initial
         self.postfix: dict[str, Any] = {}
@@ -64,7 +69,13 @@ class Progress:
         self._bar: tqdm | None = None
         if not _quiet and _stderr_is_terminal():
             self._bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False,
-                             dynamic_ncols=True, file=sys.stderr, unit_scale=unit_scale)
+                             dynamic_ncols=True, file=sys.stderr, unit_scale=unit_scale, bar_format=self.bar_format)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -74,7 +85,8 @@ class Progress:
             self._last_line = time.perf_counter()
             print(self.line(), flush=True)
 
-    def set_postfix(self, **values: Any) -> None:
+    def set_postfix(self, values: dict[str, Any] | None = None, **more: Any) -> None:
+        values = {**(values or {}), **more}
         self.postfix = values
         if self._bar is not None:
             self._bar.set_postfix(values, refresh=False)
@@ -82,8 +94,8 @@ class Progress:
     def line(self) -> str:
         postfix = ", ".join(f"{k}={v}" for k, v in self.postfix.items()) or None
         return tqdm.format_meter(self.n, self.total, time.perf_counter() - self.start, prefix=self.desc,
-                                 unit=self.unit, unit_scale=self.unit_scale, ncols=100, postfix=postfix,
-                                 initial=self.initial)
+                                 unit=self.unit, unit_scale=self.unit_scale, ncols=140, postfix=postfix,
+                                 initial=self.initial, bar_format=self.bar_format)
 
     def close(self, final_line: bool = True) -> None:
         """Remove the live bar and, if asked, leave one permanent line on stdout."""

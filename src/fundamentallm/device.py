@@ -6,6 +6,8 @@ from the training loop.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -63,6 +65,27 @@ def autocast_dtype(device: torch.device, setting: bool | str) -> torch.dtype | N
 def _cpu_has_native_bf16() -> bool:
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private API: absent in some versions
     return bool(probe()) if probe is not None else False
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for PyTorch: as asked, else the cores this process may use (its CPU affinity, which on a
+    shared or containerised machine can be fewer than the machine has). OMP_NUM_THREADS, when set, is the
+    default instead: PyTorch already follows it."""
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+
+
+def machine_load_note() -> str:
+    """' (busy: load 7.9 on 2 cores)' when other work competes for the CPU, else ''."""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    return f"; the machine is busy (load {load:.1f} on {cores} cores): expect it to train slower" \
+        if load > cores + 0.5 else ""
 
 
 def enable_tf32(device: torch.device) -> None:

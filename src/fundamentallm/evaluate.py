@@ -14,19 +14,23 @@ import torch
 
 from fundamentallm import distributed
 from fundamentallm.checkpoint import Checkpoint, load_model
+from fundamentallm.console import Progress
 from fundamentallm.data import as_tensor, encode_files, eval_windows, gather_windows, prepare_tokens
 from fundamentallm.device import autocast_dtype, select_device
 from fundamentallm.errors import UserError
 from fundamentallm.metrics import bits_per_char, perplexity
 from fundamentallm.model import GPT
 
+PROGRESS_MIN = 256  # windows: below this an evaluation takes a moment and needs no bar
+
 
 @torch.no_grad()
 def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int, device: torch.device,
                   amp: torch.dtype | None = None, max_windows: int = 0,
-                  dist: distributed.Dist = distributed.SINGLE) -> float:
+                  dist: distributed.Dist = distributed.SINGLE, progress: bool = False) -> float:
     """Mean cross-entropy (nats per token) over `tokens`, every prediction counted once, at the model's context
-    length (see data.eval_windows). Under torchrun the windows are shared out and the sums all-reduced."""
+    length (see data.eval_windows). Under torchrun the windows are shared out and the sums all-reduced. With
+    `progress`, a bar counts the windows (for long texts: `fundamentallm evaluate` is otherwise silent)."""
     windows = eval_windows(len(tokens), model.context_length, max_windows)[dist.rank :: dist.world_size]
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     was_training = model.training
@@ -34,6 +38,7 @@ def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int
     by_length: dict[int, list[int]] = {}
     for start, length in windows:
         by_length.setdefault(length, []).append(start)
+    bar = Progress(len(windows), "Evaluating", unit="window") if progress and len(windows) > PROGRESS_MIN else None
     for length, starts in by_length.items():
         for i in range(0, len(starts), batch_size):
             batch = gather_windows(tokens, torch.tensor(starts[i : i + batch_size]), length, device)
@@ -42,6 +47,10 @@ def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int
             count = batch.size(0) * (length - 1)
             totals += torch.stack([loss.double() * count, torch.tensor(float(count), device=device,
                                                                        dtype=torch.float64)])
+            if bar is not None:
+                bar.update(batch.size(0))
+    if bar is not None:
+        bar.close(final_line=False)
     model.train(was_training)
     distributed.all_reduce_sum(dist, totals)
     if totals[1] == 0:
@@ -75,7 +84,7 @@ def evaluate(checkpoint: Path, data_paths: list[str] | None = None, device: str 
     else:
         tokens, described = _validation_split(loaded.checkpoint)
     amp = autocast_dtype(dev, loaded.config.training.use_mixed_precision)
-    loss = estimate_loss(loaded.model, as_tensor(tokens, dev), batch_size, dev, amp)
+    loss = estimate_loss(loaded.model, as_tensor(tokens, dev), batch_size, dev, amp, progress=True)
     return Evaluation(checkpoint=str(checkpoint), data=described, tokens=len(tokens),
                       predictions=len(tokens) - 1, loss=loss,
                       perplexity=perplexity(loss), bits_per_char=bits_per_char(loss),

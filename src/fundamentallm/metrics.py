@@ -27,6 +27,12 @@ def perplexity(loss_nats: float) -> float:
     return math.exp(min(loss_nats, 700.0))  # exp overflows past ~709
 
 
+def eta_seconds(steps_left: int, tokens_per_step: int, tokens_per_sec: float) -> float:
+    """Time to finish the run's remaining steps at the recent training speed (evaluations not counted): the one
+    ETA that the progress bar and `status` both show."""
+    return max(0, steps_left) * tokens_per_step / tokens_per_sec if tokens_per_sec > 0 else math.inf
+
+
 def bits_per_char(loss_nats: float) -> float:
     """Bits per character: for a character tokenizer one token is one character."""
     return loss_nats / math.log(2)

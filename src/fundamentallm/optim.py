@@ -19,18 +19,25 @@ if TYPE_CHECKING:
     from fundamentallm.data import BatchSampler
 
 
+def warmup_for(cfg: TrainingConfig, total_steps: int) -> int:
+    """Warm-up steps for a run of `total_steps`: at most a tenth of the run, so that a short run (a sweep's,
+    a budgeted one) trains at the rates it was given instead of warming up all along."""
+    return min(cfg.warmup_steps, total_steps // 10)
+
+
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainingConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then the configured decay."""
     peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
+    warmup = warmup_for(cfg, total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
     if cfg.scheduler == "constant":
         return peak
     if cfg.scheduler == "step":  # step_size counts epochs, as in the training guide
         drops = step // (cfg.step_size * steps_per_epoch)
         return max(peak * cfg.gamma**drops, floor)
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    decay_steps = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
     if cfg.scheduler == "linear":
         return peak - (peak - floor) * progress
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

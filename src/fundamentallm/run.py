@@ -178,6 +178,8 @@ def restore_run(run: Run, checkpoint: ckpt.Checkpoint) -> None:
     """Continue exactly where `checkpoint` stopped: weights, optimizer, scaler, sampler, RNGs and counters."""
     run.progress = ckpt.restore(checkpoint, run.model, run.optimizer, run.scaler, run.sampler, run.device,
                                 run.dist, run.cfg.seed)
+    if checkpoint.config.training.time_budget != run.cfg.time_budget:
+        run.progress.planned_steps = 0  # a new budget: measure again and plan the rest of the run anew
     if not distributed.same_on_all_ranks(run.dist, run.progress.step):  # e.g. a node without the checkpoint
         if not run.dist.is_main:
             raise distributed.PeerFailed([0], quiet=True)  # rank 0 says what is wrong, once

@@ -24,7 +24,7 @@ from typing import Any
 
 from fundamentallm.console import duration
 from fundamentallm.errors import UserError
-from fundamentallm.metrics import read_metrics
+from fundamentallm.metrics import eta_seconds, read_metrics
 from fundamentallm.runfiles import METRICS, live_holder
 
 # A run counts as running while metrics.jsonl is younger than this many of its own record intervals, and at
@@ -42,7 +42,7 @@ class RunStatus:
     total_steps: int | None = None
     epoch: int | None = None
     epochs: int | None = None
-    train_loss: float | None = None
+    train_loss: float | None = None  # mean over the last log interval: the progress bar's train_loss
     train_loss_step: int | None = None
     val_loss: float | None = None
     val_loss_step: int | None = None
@@ -103,9 +103,10 @@ def run_status(run_dir: Path, now: float | None = None) -> RunStatus:
         typical = gaps[len(gaps) // 2] if gaps else 0.0
         if age > max(STALE_MIN_SECONDS, STALE_INTERVALS * typical):
             status.state = "stopped"
-    if status.state == "running" and status.total_steps and status.step and status.elapsed_seconds:
-        per_step = status.elapsed_seconds / status.step  # average over the run, evaluations included
-        status.eta_seconds = max(0.0, (status.total_steps - status.step) * per_step - age)
+    if status.state == "running" and status.total_steps and status.tokens_per_sec and run.get("tokens_per_step"):
+        # The progress bar's ETA: the remaining steps at the recent speed, less the time since the last record.
+        eta = eta_seconds(status.total_steps - status.step, run["tokens_per_step"], status.tokens_per_sec)
+        status.eta_seconds = max(0.0, eta - age)
     return status
 
 

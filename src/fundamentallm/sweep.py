@@ -159,7 +159,7 @@ def summarize(run: SweepRun) -> dict[str, Any]:
     row.update({
         "best_val_loss": best,
         "best_bpc": best / math.log(2),
-        "last_train_loss": trains[-1]["train_loss"] if trains else math.nan,
+        "train_loss": trains[-1]["train_loss"] if trains else math.nan,  # the last record's, as in `status`
         "steps": stepped[-1]["step"] if stepped else 0,
         "time_s": stepped[-1].get("elapsed", math.nan) if stepped else math.nan,
         "tokens_per_sec": steps_timed / seconds_per_token if seconds_per_token else math.nan,

@@ -24,13 +24,21 @@ import torch
 from fundamentallm import checkpoint as ckpt
 from fundamentallm import distributed
 from fundamentallm.config import Config, save_config
-from fundamentallm.console import Progress, duration, info, is_quiet, set_quiet
+from fundamentallm.console import Progress, duration, info, is_quiet, set_quiet, warn
 from fundamentallm.data import TokenData
-from fundamentallm.device import PRECISION_NAMES, is_out_of_memory, memory_stats, oom_message, select_device
+from fundamentallm.device import (
+    PRECISION_NAMES,
+    is_out_of_memory,
+    machine_load_note,
+    memory_stats,
+    oom_message,
+    select_device,
+)
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.evaluate import estimate_loss
-from fundamentallm.metrics import MetricsLog, bits_per_char, perplexity
-from fundamentallm.optim import lr_at, optimizer_step, set_lr
+from fundamentallm.generate import generate_tokens
+from fundamentallm.metrics import MetricsLog, bits_per_char, eta_seconds, perplexity
+from fundamentallm.optim import lr_at, optimizer_step, set_lr, warmup_for
 from fundamentallm.run import Run, setup_run
 from fundamentallm.runfiles import (
     BEST,
@@ -85,18 +93,20 @@ def _train(config: Config, data_paths: list[str], output_dir: Path, dev: torch.d
             save_config(config, output_dir / CONFIG)
     print_header(run, total_steps, output_dir, resume_from, config_origin)
     log = open_metrics_log(run, total_steps, output_dir, resume_from, tensorboard) if dist.is_main else None
-    interrupted_by = _guarded_loop(run, total_steps, output_dir, log)
+    interrupted_by = _guarded_loop(run, total_steps, output_dir, log, config_origin)
     return TrainResult(interrupted_by, wrote_files=dist.is_main)
 
 
 def plan_steps(run: Run, resumed: bool, output_dir: Path) -> int:
-    """The run's total number of optimizer steps; refuses to resume a run that has nothing left to do."""
+    """The run's total number of optimizer steps (for now, when a time budget will fix it after the first
+    steps); refuses to resume a run that has nothing left to do."""
     cfg, state = run.cfg, run.progress
     # Counted from where the run stands, not as epochs x steps_per_epoch: a resumed run may take other steps
     # per epoch than the run that wrote the checkpoint (another batch size or number of processes), and a
     # max_steps run ends its last epoch early.
     state.step_in_epoch = min(state.step_in_epoch, run.steps_per_epoch)
     planned = state.step + (cfg.epochs - state.epochs_done) * run.steps_per_epoch - state.step_in_epoch
+    planned = state.planned_steps or planned  # a time budget's number of steps, once fixed, is the plan
     total_steps = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
     patience = cfg.early_stopping_patience
     if resumed and patience and state.evals_without_improvement >= patience:
@@ -104,21 +114,26 @@ def plan_steps(run: Run, resumed: bool, output_dir: Path) -> int:
                         f"improved for {state.evals_without_improvement} evaluation(s). To train on anyway, resume "
                         f"with a larger --set training.early_stopping_patience (or 0 to switch it off)")
     if state.step >= total_steps:
-        limit = (f"training.max_steps={cfg.max_steps}; to train further, resume with a larger "
-                 f"--set training.max_steps (or =null)" if total_steps == cfg.max_steps
+        limit = (f"training.max_steps={cfg.max_steps}; to train further, resume with a larger --max-steps (or "
+                 f"--set training.max_steps=null)" if total_steps == cfg.max_steps else
+                 "its time budget; to train further, resume with a larger --time-budget" if state.planned_steps
                  else f"{cfg.epochs} epochs; to train further, resume with a larger --epochs")
         raise UserError(f"the run in {output_dir} already finished its {total_steps:,} steps ({limit})")
+    if warmup_for(cfg, total_steps) < cfg.warmup_steps and not cfg.time_budget:
+        warn(f"warmup_steps {cfg.warmup_steps} is more than a tenth of this run's {total_steps:,} steps; warming "
+             f"up over {warmup_for(cfg, total_steps)} steps instead")
     return total_steps
 
 
-def _guarded_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | None) -> int | None:
+def _guarded_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | None,
+                  config_origin: str) -> int | None:
     """The loop under the signal handler, with out-of-memory turned into its remedies and the log's end record
     written however the loop ends."""
     stop = StopRequest()
     interrupted_by = None
     try:
         with stop.installed():
-            interrupted_by = train_loop(run, total_steps, output_dir, log, stop)
+            interrupted_by = train_loop(run, total_steps, output_dir, log, stop, config_origin)
     except Exception as exc:
         if stop.aborted and isinstance(exc, RuntimeError):  # a second Ctrl-C inside torch.save
             raise KeyboardInterrupt from None
@@ -132,19 +147,21 @@ def _guarded_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog 
     return interrupted_by
 
 
-def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | None,
-               stop: StopRequest) -> int | None:
+def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | None, stop: StopRequest,
+               config_origin: str = "") -> int | None:
     """Train until `total_steps`, early stopping or a stop request; returns the signal that stopped it, if any."""
     cfg, state = run.cfg, run.progress
     run.started_at = time.perf_counter() - state.elapsed_seconds
     window = LogWindow(state.pending_losses, state.pending_norms)
     state.pending_losses, state.pending_norms = [], []
+    speed = SpeedCheck(state.step)
     stopped_early = False
     run.step_model.train()
     while state.step < total_steps and not stopped_early:
         epoch = state.epochs_done + 1
         epoch_steps = min(run.steps_per_epoch, state.step_in_epoch + total_steps - state.step)
-        bar = Progress(epoch_steps, f"Epoch {epoch}/{cfg.epochs}", unit="it", initial=state.step_in_epoch)
+        bar = Progress(epoch_steps, f"Epoch {epoch}/{epochs_of(run, total_steps)}", unit="it",
+                       initial=state.step_in_epoch, remaining=False)
         while state.step_in_epoch < epoch_steps:
             lr = lr_at(state.step, total_steps, run.steps_per_epoch, cfg)
             set_lr(run.optimizer, lr)
@@ -155,11 +172,18 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
             state.tokens_seen += run.tokens_per_step
             window.add(loss, norm, run.tokens_per_step)
             bar.update()
+            seconds_per_step = speed.measure(state.step, loss)
+            if seconds_per_step is not None:  # once per session, after its first steps
+                total_steps = settle_plan(run, total_steps, seconds_per_step, config_origin)
+                epoch_steps = min(epoch_steps, state.step_in_epoch + total_steps - state.step)
+                bar.set_total(epoch_steps)
 
             last_in_epoch = state.step_in_epoch == epoch_steps
             eval_due = bool(cfg.eval_interval) and state.step % cfg.eval_interval == 0 and not last_in_epoch
             if state.step % cfg.log_interval == 0 or last_in_epoch or eval_due:
-                log_train(run, window, log, epoch, lr, bar, output_dir)
+                log_train(run, window, log, epoch, lr, bar, output_dir, total_steps)
+            elif not window.records:  # before this session's first record, show every step's loss
+                bar.set_postfix(train_loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             if eval_due:
                 stopped_early = evaluate(run, log, output_dir)
                 window.start = time.perf_counter()  # tokens/s measures training, not evaluation
@@ -189,7 +213,7 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
 
 
 def log_train(run: Run, window: LogWindow, log: MetricsLog | None, epoch: int, lr: float, bar: Progress,
-              output_dir: Path) -> None:
+              output_dir: Path, total_steps: int) -> None:
     """Read the window's losses (one host-device sync), check them, show them and write a train record."""
     state = run.progress
     values, norms = window.read(run.dist)
@@ -198,17 +222,20 @@ def log_train(run: Run, window: LogWindow, log: MetricsLog | None, epoch: int, l
     tokens_per_sec = window.tokens / max(now - window.start, 1e-9)
     state.epoch_loss_sum += sum(values)
     state.epoch_loss_steps += len(values)
-    state.train_loss = values[-1]
-    bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lr:.2e}")
+    state.train_loss = sum(values) / len(values)  # the same number in the bar, the record and `status`
+    eta = eta_seconds(total_steps - state.step, run.tokens_per_step, tokens_per_sec)
+    bar.set_postfix({"train_loss": f"{state.train_loss:.4f}", "lr": f"{lr:.2e}",
+                     "tokens/s": f"{tokens_per_sec:,.0f}", "eta": duration(eta)})  # eta: the run's, as in status
     if log is not None:
-        log.write({"kind": "train", "step": state.step, "epoch": epoch, "train_loss": sum(values) / len(values),
+        log.write({"kind": "train", "step": state.step, "epoch": epoch, "train_loss": state.train_loss,
                    "lr": lr, "grad_norm": sum(norms) / len(norms), "tokens_per_sec": tokens_per_sec,
                    "elapsed": now - run.started_at, **memory_stats(run.device)})
     window.reset()
 
 
 def evaluate(run: Run, log: MetricsLog | None, output_dir: Path) -> bool:
-    """Validation loss, logged; keeps best_model.pt. Returns True when early stopping says to stop."""
+    """Validation loss, logged, with a short sample; keeps best_model.pt. Returns True when early stopping says
+    to stop."""
     cfg, state = run.cfg, run.progress
     val_loss = estimate_loss(run.model, run.val_tokens, cfg.batch_size, run.device, run.amp,
                              cfg.eval_batches * cfg.batch_size, run.dist)
@@ -218,14 +245,32 @@ def evaluate(run: Run, log: MetricsLog | None, output_dir: Path) -> bool:
         state.best_val_loss, state.evals_without_improvement = val_loss, 0
     else:
         state.evals_without_improvement += 1
+    sample = sample_text(run) if cfg.sample_tokens and run.dist.is_main else None
     if log is not None:
         log.write({"kind": "eval", "step": state.step, "epoch": state.epochs_done + 1,
                    "train_loss": state.train_loss, "val_loss": val_loss, "perplexity": perplexity(val_loss),
-                   "bits_per_char": bits_per_char(val_loss), "elapsed": run.elapsed()})
+                   "bits_per_char": bits_per_char(val_loss), "elapsed": run.elapsed(),
+                   **({"sample": sample} if sample is not None else {})})
     if improved and cfg.save_best:
         save_checkpoint(run, output_dir / BEST, resumable=False)
     patience = cfg.early_stopping_patience
     return bool(patience) and state.evals_without_improvement >= patience
+
+
+def sample_text(run: Run) -> str:
+    """A short continuation of the validation text's first characters, greedy-ish and seeded, so that samples
+    after successive evaluations can be compared: the quickest way to see that a model learns. Printed now."""
+    cfg = run.cfg
+    prompt = [int(t) for t in run.val_tokens[: min(16, cfg.sequence_length // 2, len(run.val_tokens))]]
+    generator = torch.Generator(run.device).manual_seed(cfg.seed)
+    was_training = run.model.training
+    run.model.eval()
+    ids = list(generate_tokens(run.model, prompt, cfg.sample_tokens, temperature=0.5, generator=generator))
+    run.model.train(was_training)
+    tokenizer = run.data.tokenizer
+    text = tokenizer.decode(prompt) + tokenizer.decode(ids)
+    info("  sample: " + text.replace("\n", "\n          "))
+    return text
 
 
 def end_epoch(run: Run, log: MetricsLog | None, output_dir: Path, stopped_early: bool) -> bool:
@@ -233,7 +278,7 @@ def end_epoch(run: Run, log: MetricsLog | None, output_dir: Path, stopped_early:
     max_steps or early stopping cut short stays open: a resumed run finishes it. Returns stopped_early."""
     cfg, state = run.cfg, run.progress
     epoch = state.epochs_done + 1
-    state.train_loss = state.epoch_loss_sum / max(1, state.epoch_loss_steps)
+    epoch_loss = state.epoch_loss_sum / max(1, state.epoch_loss_steps)
     if not stopped_early:
         stopped_early = evaluate(run, log, output_dir)
     epoch_complete = state.step_in_epoch == run.steps_per_epoch
@@ -241,7 +286,7 @@ def end_epoch(run: Run, log: MetricsLog | None, output_dir: Path, stopped_early:
         state.epochs_done += 1
         state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = 0, 0.0, 0
     state.elapsed_seconds = run.elapsed()
-    info(f"  train_loss={state.train_loss:.4f}, val_loss={state.val_loss:.4f}, "
+    info(f"  epoch_train_loss={epoch_loss:.4f}, val_loss={state.val_loss:.4f}, "
          f"perplexity={perplexity(state.val_loss):.2f}, bpc={bits_per_char(state.val_loss):.3f}"
          + ("  (best)" if state.evals_without_improvement == 0 else ""))  # a new low, not a tie
     if epoch_complete and state.epochs_done % cfg.save_every_n_epochs == 0:
@@ -253,6 +298,61 @@ def end_epoch(run: Run, log: MetricsLog | None, output_dir: Path, stopped_early:
              f"evaluation(s); best {state.best_val_loss:.4f}")
     distributed.barrier(run.dist)
     return stopped_early
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run's speed: what it says about the plan
+
+
+CALIBRATION_STEPS = 10  # steps timed at the start of each session (after one warm-up step)
+
+
+class SpeedCheck:
+    """Times this session's steps 2 to CALIBRATION_STEPS + 1: the first pays for compilation and warm-up."""
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step
+        self.start = 0.0
+
+    def measure(self, step: int, loss: torch.Tensor) -> float | None:
+        """Seconds per step once the timed steps are done (at that one step; None at every other)."""
+        if step == self.first_step + 1:
+            loss.item()  # wait for the device, so the clock measures the steps, not their queueing
+            self.start = time.perf_counter()
+        elif step == self.first_step + 1 + CALIBRATION_STEPS:
+            loss.item()
+            return (time.perf_counter() - self.start) / CALIBRATION_STEPS
+        return None
+
+
+def settle_plan(run: Run, total_steps: int, seconds_per_step: float, config_origin: str) -> int:
+    """Report the measured speed; with a time budget not yet fixed, fix the number of steps so that the whole
+    schedule (evaluations included) fits in what is left of it. Returns the run's total steps."""
+    cfg, state = run.cfg, run.progress
+    per_epoch = seconds_per_step * run.steps_per_epoch
+    if cfg.time_budget and not state.planned_steps:
+        # An evaluation reads its tokens forward only: about a third of a training step's work per token.
+        eval_tokens = len(run.val_tokens) if not cfg.eval_batches else min(
+            len(run.val_tokens), cfg.eval_batches * cfg.batch_size * cfg.sequence_length)
+        eval_seconds = eval_tokens / run.tokens_per_step * seconds_per_step / 3
+        evals_per_step = 1 / run.steps_per_epoch + (1 / cfg.eval_interval if cfg.eval_interval else 0)
+        left = cfg.time_budget - run.elapsed() - eval_seconds  # the last evaluation
+        steps = state.step + max(0, int(left / (seconds_per_step + eval_seconds * evals_per_step)))
+        state.planned_steps = total_steps = max(state.step, min(steps, cfg.max_steps or steps))
+        info(f"Time budget {duration(cfg.time_budget)}: {seconds_per_step:.3g} s per step, so {total_steps:,} steps "
+             f"in all (an epoch is {run.steps_per_epoch:,}); warmup {warmup_for(cfg, total_steps)} steps")
+    note = ""
+    if run.device.type == "cpu" and config_origin.endswith("(default)"):
+        note = ("; no GPU here and no --config given: --config fast-cpu trains a good character model on a CPU "
+                "in minutes")
+    info(f"Speed: {run.tokens_per_step / seconds_per_step:,.0f} tokens/s, about {duration(per_epoch)} per epoch "
+         f"and {duration(seconds_per_step * (total_steps - state.step) + run.elapsed())} for the run{note}")
+    return total_steps
+
+
+def epochs_of(run: Run, total_steps: int) -> int:
+    """How many epochs (the last maybe partial) `total_steps` covers: what the bar counts to."""
+    return max(run.progress.epochs_done + 1, -(-total_steps // run.steps_per_epoch))
 
 
 def save_checkpoint(run: Run, path: Path, resumable: bool = True) -> None:
@@ -301,6 +401,7 @@ class LogWindow:
         self.norms: list[torch.Tensor] = []
         self.tokens = 0
         self.start = time.perf_counter()
+        self.records = 0  # train records written this session
 
     def add(self, loss: torch.Tensor, norm: torch.Tensor, tokens: int) -> None:
         self.losses.append(loss)
@@ -323,6 +424,7 @@ class LogWindow:
         self.carried = ([], [])
         self.losses, self.norms, self.tokens = [], [], 0
         self.start = time.perf_counter()
+        self.records += 1
 
 
 class StopRequest:
@@ -374,6 +476,19 @@ def _tokenized(data: TokenData) -> str:
     return f" (tokenized in {data.build_seconds:.1f}s, {rate:.0f} MB/s, into the token cache)"
 
 
+def plan_text(run: Run, total_steps: int) -> str:
+    """How many steps and why, with arithmetic that holds whatever ends the run."""
+    cfg, per_epoch = run.cfg, run.steps_per_epoch
+    if cfg.time_budget and not run.progress.planned_steps:
+        return (f"time budget {duration(cfg.time_budget)} (steps fixed after the first {CALIBRATION_STEPS + 1}; "
+                f"an epoch is {per_epoch:,} optimizer steps)")
+    if total_steps == cfg.epochs * per_epoch:
+        return f"{cfg.epochs} epoch(s) x {per_epoch:,} optimizer steps = {total_steps:,} steps"
+    reason = ("its time budget" if run.progress.planned_steps else
+              "max_steps" if total_steps == cfg.max_steps else "where the run stands")
+    return f"{total_steps:,} steps ({reason}; an epoch is {per_epoch:,} optimizer steps)"
+
+
 def print_header(run: Run, total_steps: int, output_dir: Path, resume_from: ckpt.Checkpoint | None,
                  config_origin: str) -> None:
     m, t, data, dist = run.config.model, run.cfg, run.data, run.dist
@@ -381,14 +496,15 @@ def print_header(run: Run, total_steps: int, output_dir: Path, resume_from: ckpt
                                                          if len(data.files) > 3 else "")
     threads = f" ({torch.get_num_threads()} threads)" if run.device.type == "cpu" else ""
     info(f"Device: {run.device}{threads}, {PRECISION_NAMES[run.amp]}, torch.compile "
-         f"{'on' if run.compiled else 'off'}" + (f", {dist.world_size} processes" if dist.enabled else ""))
+         f"{'on' if run.compiled else 'off'}" + (f", {dist.world_size} processes" if dist.enabled else "")
+         + (machine_load_note() if run.device.type == "cpu" else ""))
     info(f"Data: {files}: {data.num_chars:,} characters, vocabulary {data.tokenizer.vocab_size}; "
          f"train {len(data.train):,} / validation {len(data.val):,} tokens"
          + (" (token cache)" if data.from_cache else _tokenized(data)))
     info(f"Model: {config_origin or 'config'}: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, "
          f"d_ff {m.d_ff}, context {t.sequence_length}: {run.model.num_parameters():,} parameters")
     effective = t.batch_size * t.gradient_accumulation_steps * dist.world_size
-    info(f"Training: {t.epochs} epoch(s) x {run.steps_per_epoch:,} optimizer steps = {total_steps:,} steps; batch "
+    info(f"Training: {plan_text(run, total_steps)}; batch "
          f"{t.batch_size} x accumulation {t.gradient_accumulation_steps}"
          + (f" x {dist.world_size} processes" if dist.enabled else "")
          + f" = {effective} sequences ({run.tokens_per_step:,} tokens) per step; lr {t.learning_rate:g} "
