@@ -6,18 +6,15 @@ import csv
 import hashlib
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from helpers import ROOT, TINY, assert_clean_error, run_cli, snapshot, train_tiny
+from helpers import HANG_GUARD, TINY, assert_clean_error, freeze_when, run_cli, snapshot, subprocess_env, train_tiny
 
 from fundamentallm.metrics import read_metrics
 from fundamentallm.plot import load_curves
@@ -28,22 +25,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_SETS = ["--set", "model.d_model=32", "--set", "model.num_heads=2", "--set", "model.num_layers=1",
              "--set", "model.d_ff=64", "--set", "model.dropout=0.0", "--set", "training.warmup_steps=2",
              "--set", "training.sequence_length=32", "--set", "training.log_interval=1"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tests train models of a few thousand parameters, where a second thread buys nothing; on a shared
-    2-core machine it costs a lot (OpenMP threads spinning against other processes made one test 60x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment for `python -m fundamentallm` in a child process: this checkout's package, one thread."""
-    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TERM": "xterm", "OMP_NUM_THREADS": "1"}
 
 
 def assert_png(path: Path) -> None:
@@ -230,17 +211,14 @@ def test_sweep_resumes_after_an_interruption_without_rerunning_finished_runs(cor
             "--set", "training.max_steps=120", "--grid", "training.learning_rate=1e-3,3e-3,1e-2", "-o", out]
     first, second, third = (out / f"learning_rate={lr}" for lr in ("1e-3", "3e-3", "1e-2"))
     proc = subprocess.Popen([sys.executable, "-m", "fundamentallm", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(TERM="xterm"))
     try:
         # Interrupt as a user would with Ctrl-C, once the second run is training.
-        deadline = time.monotonic() + 120
-        while not ((second / "metrics.jsonl").exists()
-                   and any(r["kind"] == "train" for r in read_metrics(second))):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the second run never started"
-            time.sleep(0.05)
+        freeze_when(proc, lambda: (second / "metrics.jsonl").exists()
+                    and any(r["kind"] == "train" for r in read_metrics(second)), "the second run's first step")
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=HANG_GUARD)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -307,11 +285,11 @@ def test_metrics_jsonl_is_valid_json_with_every_field_and_tensorboard(corpus: Pa
     assert_png(run / "training.png")
 
 
-def test_plot_overlays_runs_and_marks_overfitting(shakespeare: Path, tmp_path: Path) -> None:
+def test_plot_overlays_runs_and_marks_overfitting(alice: str, tmp_path: Path) -> None:
     # 1,500 training characters and a model of 105k parameters at a constant rate: it memorises the training
     # text and validation loss turns up after a few dozen steps.
     small = tmp_path / "small.txt"
-    small.write_text(shakespeare.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    small.write_text(alice[:3000], encoding="utf-8")
     over = tmp_path / "over"
     train_tiny(small, over, "--set", "model.d_model=64", "--set", "model.d_ff=256", "--set", "model.num_layers=2",
                "--set", "training.validation_split=0.5", "--epochs", "50", "--set", "training.max_steps=300",
@@ -373,16 +351,14 @@ def test_status_follows_a_run_from_its_files(corpus: Path, tmp_path: Path) -> No
            "--epochs", "20"]
     with log.open("w") as log_file:  # what `| tee training.log` sees: a pipe, not a terminal
         proc = subprocess.Popen(list(map(str, cmd)), stdout=log_file, stderr=subprocess.STDOUT,
-                                env=subprocess_env())
+                                env=subprocess_env(TERM="xterm"))
         try:
-            deadline = time.monotonic() + 120
-            while not ((run / "metrics.jsonl").exists() and any(r["kind"] == "eval" for r in read_metrics(run))):
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "the run never reached its first evaluation"
-                time.sleep(0.05)
-            running = run_cli("status", run)
+            freeze_when(proc, lambda: (run / "metrics.jsonl").exists()
+                        and any(r["kind"] == "eval" for r in read_metrics(run)), "the run's first evaluation")
+            running = run_cli("status", run)  # the process is stopped, mid-run, while status reads its files
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+            proc.send_signal(signal.SIGCONT)
+            proc.wait(timeout=HANG_GUARD)
         finally:
             if proc.poll() is None:
                 proc.kill()
