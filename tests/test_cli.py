@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
+import click
 import pytest
 import torch
+import yaml
 from helpers import ROOT, run_cli, run_subprocess, train_tiny
 
 from fundamentallm.checkpoint import load_model, save_checkpoint
-from fundamentallm.config import resolve_config
+from fundamentallm.cli import cli
+from fundamentallm.config import Config, resolve_config
 from fundamentallm.metrics import read_metrics
 from fundamentallm.model import GPT
 from fundamentallm.tokenizer import CharTokenizer, count_code_points
@@ -179,3 +183,29 @@ def test_entry_points(tmp_path: Path) -> None:
     result = run_subprocess("--help")
     assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout
     assert (ROOT / "pyproject.toml").read_text().count('fundamentallm = "fundamentallm.cli:main"') == 1
+
+
+def _readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index(f"\n## {title}\n")
+    return readme[start : readme.find("\n## ", start + 1)]
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    def missing(command: click.Command, path: str) -> list[str]:
+        found = [f"{path} {param.opts[-1]}" for param in command.get_params(click.Context(command))
+                 if isinstance(param, click.Option) and not param.hidden and not param.help]
+        for name, sub in getattr(command, "commands", {}).items():
+            found += missing(sub, f"{path} {name}")
+        return found
+
+    assert missing(cli, "fundamentallm") == []
+
+
+def test_readme_lists_every_command_and_every_config_key_with_its_default() -> None:
+    commands = _readme_section("Commands")
+    for name in cli.commands:
+        assert f"fundamentallm {name} " in commands, f"README's command list lacks {name}"
+    # The configuration reference is a YAML block: read as YAML, it must be exactly the built-in defaults.
+    reference = yaml.safe_load(re.search(r"```yaml\n(.*?)```", _readme_section("Configuration"), re.S).group(1))
+    assert reference == Config().to_dict()
