@@ -180,6 +180,7 @@ def test_branching_off_a_checkpoint_keeps_its_history_and_never_mixes_runs(corpu
     assert records[0]["kind"] == "run" and records[0]["config"]["training"]["epochs"] == 3
     assert sum(r["kind"] == "run" for r in records) == 1
     at = read_checkpoint(ckpt)["progress"]["step"]
+    assert records[0]["resumed_at"] == [at]
     source_steps = {s: loss for s, loss in step_losses(source).items() if s <= at}
     assert {s: loss for s, loss in step_losses(branch).items() if s <= at} == source_steps
     assert max(step_losses(branch)) == read_checkpoint(branch / "final_model.pt")["progress"]["step"]
@@ -194,6 +195,7 @@ def test_resuming_in_place_rewrites_the_run_record(corpus: Path, tmp_path: Path)
     runs = [r for r in records if r["kind"] == "run"]
     assert records[0] is runs[0] and len(runs) == 1
     assert runs[0]["total_steps"] == read_checkpoint(run / "final_model.pt")["progress"]["step"]
+    assert runs[0]["resumed_at"] == [141]  # where the second session took over, for plots
     assert [r["status"] for r in records if r["kind"] == "end"] == ["finished"]
 
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import HANG_GUARD, TINY, assert_clean_error, freeze_when, run_cli, snapshot, subprocess_env, train_tiny
 
 from fundamentallm.metrics import read_metrics
-from fundamentallm.plot import load_curves
+from fundamentallm.plot import draw_runs, load_curves, lr_label
 from fundamentallm.status import run_status
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -311,6 +311,34 @@ def test_plot_overlays_runs_and_marks_overfitting(alice: str, tmp_path: Path) ->
     assert_png(steady / "training.png")
 
 
+def marks(run: Path, gid: str) -> list[float]:
+    """Steps of the marks of one kind (resumed, interrupted, failed) on the loss panel of the run's figure."""
+    ax_loss = draw_runs([load_curves(run)]).axes[0]
+    return [float(line.get_xdata()[0]) for line in ax_loss.lines if line.get_gid() == gid]
+
+
+def test_plots_of_short_runs_are_readable(corpus: Path, tmp_path: Path) -> None:
+    # Eight steps logged every ten: one training record, one evaluation, as in a quick sweep.
+    for lr in ("1e-3", "1e-2"):
+        train_tiny(corpus, tmp_path / lr, "--set", "training.max_steps=8", "--set", "training.log_interval=10",
+                   "--learning-rate", lr)
+    fig = draw_runs([load_curves(tmp_path / "1e-3")])
+    fig.canvas.draw()
+    ax_loss, ax_lr = fig.axes
+    # Every curve shows its points (a lone point drawn as a line is invisible).
+    assert ax_loss.lines and all(line.get_marker() not in (None, "", "None") for line in ax_loss.lines + ax_lr.lines)
+    ticks = [t for t in ax_lr.get_xticks() if ax_lr.get_xlim()[0] <= t <= ax_lr.get_xlim()[1]]
+    assert ax_lr.get_xlim()[0] == 0 and 8 in ticks and all(t == int(t) for t in ticks)  # whole steps, from 0
+    # Learning rates written out on each tick, with no offset or multiplier printed apart from them.
+    labels = [label.get_text() for label in ax_lr.get_yticklabels() if label.get_text()]
+    assert labels and all(label == "0" or "e-" in label for label in labels), labels
+    assert ax_lr.yaxis.get_offset_text().get_text() == ""
+    assert [lr_label(v) for v in (1e-3, 3e-4, 2.5e-4, 0.0)] == ["1e-3", "3e-4", "2.5e-4", "0"]
+    # Runs whose rates differ tenfold (a sweep over rates) share a log scale, where both can be read.
+    assert draw_runs([load_curves(tmp_path / lr) for lr in ("1e-3", "1e-2")]).axes[1].get_yscale() == "log"
+    assert draw_runs([load_curves(tmp_path / "1e-3")]).axes[1].get_yscale() == "linear"
+
+
 def test_plot_refuses_bad_input(corpus: Path, tmp_path: Path) -> None:
     assert_clean_error(run_cli("plot", tmp_path / "nope"), "does not exist")
     empty = tmp_path / "empty"
@@ -375,6 +403,7 @@ def test_status_follows_a_run_from_its_files(corpus: Path, tmp_path: Path) -> No
 
     stopped = json.loads(run_cli("status", run, "--json").stdout)
     assert stopped["state"] == "interrupted" and stopped["eta_seconds"] is None
+    assert marks(run, "interrupted") == [stopped["step"]]  # an X where the run stopped
     assert 0 < stopped["step"] < 2820 and stopped["total_steps"] == 2820 and stopped["epochs"] == 20
     assert "--resume auto" in run_cli("status", run).stdout
     # A run whose process vanished without a word (kill -9): no end record, and the file stops changing.
@@ -388,6 +417,7 @@ def test_status_follows_a_run_from_its_files(corpus: Path, tmp_path: Path) -> No
     train_tiny(corpus, run, "--resume", "auto", "--set", f"training.max_steps={end}")
     finished = json.loads(run_cli("status", run, "--json").stdout)
     assert finished["state"] == "finished" and finished["step"] == finished["total_steps"] == end
+    assert marks(run, "resumed") == [stopped["step"]] and marks(run, "interrupted") == []
 
 
 def test_status_refuses_what_is_not_a_run(tmp_path: Path) -> None:
