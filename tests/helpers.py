@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from click.testing import CliRunner, Result
@@ -12,8 +16,12 @@ from click.testing import CliRunner, Result
 from fundamentallm.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+ALICE = ROOT / "examples" / "alice.txt"  # the corpus the tests use: in the repository, nothing from outside it
+
+# How long a test waits for a child process or a condition before calling it hung. Only a guard against hangs:
+# tests wait for the event itself (a file, a record, an exit), never for a time, so this never decides a result on
+# a slow or busy machine.
+HANG_GUARD = 600.0
 
 # A model small enough that a whole training run takes a second or two on 2 CPU cores, as --set assignments
 # (every command takes those) ...
@@ -24,15 +32,67 @@ TINY_SETS = ["--set", "model.d_model=32", "--set", "model.num_heads=2", "--set",
 TINY = [*TINY_SETS, "--batch-size", "8"]
 
 
+# Exit codes of a command stopped by Ctrl-C or SIGTERM (the shell's 128 + N).
+_STOPPED_BY = {128 + signal.SIGINT: signal.SIGINT, 128 + signal.SIGTERM: signal.SIGTERM}
+
+
 def run_cli(*args: str | Path, input: str | None = None) -> Result:
-    """Run the real CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
-    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+    """Run the real CLI in-process; returns click's Result (exit_code, stdout, stderr).
+
+    A signal that reaches the test process while a command runs here is the person at the keyboard stopping the
+    test session, not a test: training catches it (to save a checkpoint) and exits with 128 + N, and that exit
+    would only fail one test. Raising the signal again once the command has returned, when the command's own
+    handler is gone, stops pytest as the signal would have (KeyboardInterrupt for Ctrl-C). No test sends a
+    signal to its own process, so this never hides a result."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+    if result.exit_code in _STOPPED_BY:
+        signal.raise_signal(_STOPPED_BY[result.exit_code])
+    return result
 
 
-def run_subprocess(*args: str | Path, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for `python -m fundamentallm` in a child process: this checkout's package first, and one
+    CPU thread (see conftest._one_thread)."""
+    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_subprocess(*args: str | Path, **kwargs) -> subprocess.CompletedProcess:
     """Run `python -m fundamentallm ...` as a separate process, as a user would."""
     cmd = [sys.executable, "-m", "fundamentallm", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    kwargs.setdefault("env", subprocess_env())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD, **kwargs)
+
+
+def wait_for(condition: Callable[[], object], proc: subprocess.Popen | None = None, what: str = "the condition",
+             ) -> None:
+    """Poll until `condition()` holds. Fails at once if `proc` ends first (with its output), and after HANG_GUARD
+    seconds, which only a hang reaches."""
+    deadline = time.monotonic() + HANG_GUARD
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"the process ended (exit code {proc.returncode}) before {what}\n"
+                                 f"stdout: {stdout}\nstderr: {stderr}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for {what} after {HANG_GUARD:.0f} s: the process hangs")
+        time.sleep(0.02)
+
+
+def freeze_when(proc: subprocess.Popen, condition: Callable[[], object], what: str = "the condition") -> None:
+    """Poll `condition()` while `proc` is stopped (SIGSTOP), and return with it still stopped once it holds: the
+    signal the test sends next lands exactly there, however slowly this test process is scheduled, instead of
+    wherever a running process has got to by then. Send it SIGCONT to let it go on (a signal sent in between
+    waits for that). Fails like wait_for if the process ends first or the condition never comes."""
+    def stopped_and_true() -> bool:
+        proc.send_signal(signal.SIGSTOP)
+        os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)  # returns once it is stopped (or gone)
+        if proc.poll() is None and condition():
+            return True
+        proc.send_signal(signal.SIGCONT)
+        return False
+
+    wait_for(stopped_and_true, proc, what)
 
 
 def train_tiny(data: Path, out: Path, *extra: str | Path) -> Result:

@@ -6,49 +6,41 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, TINY_SETS, run_cli, train_tiny
+from helpers import TINY, TINY_SETS, freeze_when, run_cli, subprocess_env, train_tiny
 
 from fundamentallm.checkpoint import read_checkpoint
 from fundamentallm.metrics import read_metrics
 
 
-@pytest.fixture
-def text(tmp_path: Path) -> Path:
-    path = tmp_path / "alice-part.txt"
-    path.write_text((ROOT / "examples" / "alice.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return path
-
-
-def test_max_steps_flag_and_true_header_arithmetic(text: Path, tmp_path: Path) -> None:
-    result = train_tiny(text, tmp_path / "run", "--max-steps", "5")
+def test_max_steps_flag_and_true_header_arithmetic(corpus: Path, tmp_path: Path) -> None:
+    result = train_tiny(corpus, tmp_path / "run", "--max-steps", "5")
     assert "Training: 5 steps (max_steps; an epoch is 141 optimizer steps)" in result.output
     assert read_checkpoint(tmp_path / "run" / "final_model.pt").progress.step == 5
 
 
-def test_warmup_longer_than_the_run_is_clamped_with_a_notice(text: Path, tmp_path: Path) -> None:
-    result = train_tiny(text, tmp_path / "run", "--max-steps", "8", "--set", "training.warmup_steps=100",
+def test_warmup_longer_than_the_run_is_clamped_with_a_notice(corpus: Path, tmp_path: Path) -> None:
+    result = train_tiny(corpus, tmp_path / "run", "--max-steps", "8", "--set", "training.warmup_steps=100",
                         "--learning-rate", "3e-3")
     assert "warmup_steps 100 is more than a tenth of this run's 8 steps; warming up over 0 steps" in result.stderr
     first = next(r for r in read_metrics(tmp_path / "run") if r["kind"] == "train")
     assert first["lr"] == pytest.approx(3e-3)  # the peak rate from the first step, not a hundredth of it
 
 
-def test_threads_flag_and_cpu_default_advice(text: Path, tmp_path: Path) -> None:
-    default = train_tiny(text, tmp_path / "a", "--threads", "1", "--max-steps", "20")
+def test_threads_flag_and_cpu_default_advice(corpus: Path, tmp_path: Path) -> None:
+    default = train_tiny(corpus, tmp_path / "a", "--threads", "1", "--max-steps", "20")
     assert "cpu (1 threads)" in default.output
     assert "Speed:" in default.output and "per epoch" in default.output
     assert "Model: medium (default)" in default.output
     assert "no GPU here and no --config given: --config fast-cpu" in default.output
-    chosen = train_tiny(text, tmp_path / "b", "--config", "small", "--max-steps", "20")
+    chosen = train_tiny(corpus, tmp_path / "b", "--config", "small", "--max-steps", "20")
     assert "Speed:" in chosen.output and "--config fast-cpu" not in chosen.output
 
 
-def test_bar_reports_loss_tokens_per_second_and_the_run_eta(text: Path, tmp_path: Path) -> None:
-    result = train_tiny(text, tmp_path / "run", "--epochs", "1", "--set", "training.log_interval=50")
+def test_bar_reports_loss_tokens_per_second_and_the_run_eta(corpus: Path, tmp_path: Path) -> None:
+    result = train_tiny(corpus, tmp_path / "run", "--epochs", "1", "--set", "training.log_interval=50")
     # Without a terminal the bar leaves one line per epoch, with what the live bar showed last.
     line = [ln for ln in result.output.splitlines() if ln.startswith("Epoch 1/1")][-1]
     assert "train_loss=" in line and "tokens/s=" in line and "eta=" in line, line
@@ -56,28 +48,26 @@ def test_bar_reports_loss_tokens_per_second_and_the_run_eta(text: Path, tmp_path
     assert f"train_loss={last['train_loss']:.4f}" in line  # the bar's loss is the record's (and status's)
 
 
-def test_samples_after_each_evaluation(text: Path, tmp_path: Path) -> None:
-    result = train_tiny(text, tmp_path / "run", "--epochs", "2", "--set", "training.sample_tokens=40")
+def test_samples_after_each_evaluation(corpus: Path, tmp_path: Path) -> None:
+    result = train_tiny(corpus, tmp_path / "run", "--epochs", "2", "--set", "training.sample_tokens=40")
     evals = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval"]
     assert len(evals) == 2 and all(isinstance(r["sample"], str) for r in evals)
-    prompt = text.read_text(encoding="utf-8")[36_000:36_016]  # the validation text's first characters
+    prompt = corpus.read_text(encoding="utf-8")[36_000:36_016]  # the validation text's first characters
     assert all(r["sample"].startswith(prompt) and len(r["sample"]) == 16 + 40 for r in evals)
     assert result.output.count("  sample: ") == 2
-    quiet = train_tiny(text, tmp_path / "quiet", "--max-steps", "3", "--set", "training.sample_tokens=0")
+    quiet = train_tiny(corpus, tmp_path / "quiet", "--max-steps", "3", "--set", "training.sample_tokens=0")
     assert "sample:" not in quiet.output
     assert all("sample" not in r for r in read_metrics(tmp_path / "quiet"))
 
 
-def test_time_budget_fixes_the_steps_and_a_resumed_run_keeps_them(text: Path, tmp_path: Path) -> None:
+def test_time_budget_fixes_the_steps_and_a_resumed_run_keeps_them(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fundamentallm", "train", str(text), "-o", str(run), "--device", "cpu", *TINY,
+    cmd = [sys.executable, "-m", "fundamentallm", "train", str(corpus), "-o", str(run), "--device", "cpu", *TINY,
            "--time-budget", "2h"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600  # a hang guard, not a speed requirement
-    while not any(r.get("step", 0) >= 14 for r in _records(run)):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    freeze_when(proc, lambda: any(r.get("step", 0) >= 14 for r in _records(run)), "step 14")
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
     assert "Time budget 2h00m00s:" in out and "steps in all" in out
@@ -98,8 +88,8 @@ def _records(run: Path) -> list[dict]:
         return []
 
 
-def test_time_budget_and_durations_are_validated(text: Path, tmp_path: Path) -> None:
+def test_time_budget_and_durations_are_validated(corpus: Path, tmp_path: Path) -> None:
     for bad in ("10x", "-5m", "0"):
-        result = run_cli("train", text, "-o", tmp_path / "run", *TINY_SETS, "--time-budget", bad)
+        result = run_cli("train", corpus, "-o", tmp_path / "run", *TINY_SETS, "--time-budget", bad)
         assert result.exit_code == 2 and "training.time_budget" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()

@@ -1,17 +1,21 @@
-"""train -> generate -> evaluate through the real CLI, on a slice of tinyshakespeare."""
+"""train -> generate -> evaluate through the real CLI, on a slice of examples/alice.txt."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
+import click
 import pytest
 import torch
+import yaml
 from helpers import ROOT, run_cli, run_subprocess, train_tiny
 
 from fundamentallm.checkpoint import Checkpoint, DataInfo, TrainingProgress, load_model, write_checkpoint
-from fundamentallm.config import resolve_config
+from fundamentallm.cli import cli
+from fundamentallm.config import Config, resolve_config
 from fundamentallm.metrics import read_metrics
 from fundamentallm.model import GPT
 from fundamentallm.tokenizer import CharTokenizer, count_code_points
@@ -45,16 +49,21 @@ def test_console_shows_bar_and_epoch_metrics_without_control_characters(trained:
     assert "\r" not in output and "\x1b" not in output  # readable in a log file
 
 
+def vocab_size(run: Path) -> int:
+    return read_metrics(run)[0]["vocab_size"]
+
+
 def test_generate_and_evaluate_work_on_every_checkpoint(trained: tuple[Path, str]) -> None:
     run, _ = trained
+    uniform = math.log(vocab_size(run))  # the loss of a model that knows nothing
     for name in ("checkpoint_epoch_2.pt", "best_model.pt", "final_model.pt"):
-        gen = run_cli("generate", run / name, "--prompt", "ROMEO:", "--max-tokens", "50", "--seed", "1")
+        gen = run_cli("generate", run / name, "--prompt", "Alice:", "--max-tokens", "50", "--seed", "1")
         assert gen.exit_code == 0, gen.stderr
-        assert gen.stdout.startswith("ROMEO:") and len(gen.stdout) == len("ROMEO:") + 50 + 1  # + final newline
+        assert gen.stdout.startswith("Alice:") and len(gen.stdout) == len("Alice:") + 50 + 1  # + final newline
         ev = run_cli("evaluate", run / name, "--json")
         assert ev.exit_code == 0, ev.stderr
         metrics = json.loads(ev.stdout)
-        assert 0 < metrics["loss"] < math.log(65)
+        assert 0 < metrics["loss"] < uniform
         assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / math.log(2))
         assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
 
@@ -68,19 +77,19 @@ def test_evaluate_without_data_reproduces_the_runs_validation_loss(trained: tupl
     assert result["predictions"] == 3999  # every character but the first
 
 
-def test_evaluate_on_another_file(trained: tuple[Path, str], corpus: Path, shakespeare: Path,
-                                  tmp_path: Path) -> None:
+def test_evaluate_on_another_file(trained: tuple[Path, str], corpus: Path, alice: str, tmp_path: Path) -> None:
     run, _ = trained
     known = set(corpus.read_text())
     other = tmp_path / "other.txt"
-    other.write_text("".join(c for c in shakespeare.read_text()[500_000:520_000] if c in known)[:10_000])
+    other.write_text("".join(c for c in alice[100_000:120_000] if c in known)[:10_000])
     result = run_cli("evaluate", run / "best_model.pt", other)
     assert result.exit_code == 0, result.stderr
     assert "10,000 characters" in result.stdout and "bpc=" in result.stdout
     unseen = tmp_path / "unseen.txt"
-    unseen.write_text("ZEBRA QUIZ" * 10)  # 'Z' and 'Q' never occur in the first 40,000 characters
+    unseen.write_text("§ 12 and § 13 " * 10)
+    assert "§" not in corpus.read_text()  # a character the model never saw
     result = run_cli("evaluate", run / "best_model.pt", unseen)
-    assert result.exit_code == 2 and "'Z'" in result.stderr and "never saw" in result.stderr
+    assert result.exit_code == 2 and "'§'" in result.stderr and "never saw" in result.stderr
 
 
 def test_same_seed_same_losses_different_seed_different(corpus: Path, tmp_path: Path) -> None:
@@ -96,7 +105,7 @@ def test_training_reduces_the_loss(trained: tuple[Path, str]) -> None:
     evals = [r["val_loss"] for r in read_metrics(run) if r["kind"] == "eval"]
     losses = train_losses(run)
     assert losses[-1] < losses[0] - 0.5
-    assert evals[-1] < math.log(65) - 0.5
+    assert evals[-1] < math.log(vocab_size(run)) - 0.5
 
 
 def test_evaluations_follow_eval_interval_whatever_the_log_interval(corpus: Path, tmp_path: Path) -> None:
@@ -157,10 +166,10 @@ def test_save_then_load_gives_identical_logits(tmp_path: Path) -> None:
 
 def test_generation_options(trained: tuple[Path, str]) -> None:
     final = trained[0] / "final_model.pt"
-    greedy = [run_cli("generate", final, "-p", "KING", "--temperature", "0", "--max-tokens", "40").stdout
+    greedy = [run_cli("generate", final, "-p", "King", "--temperature", "0", "--max-tokens", "40").stdout
               for _ in range(2)]
     assert greedy[0] == greedy[1]
-    seeded = [run_cli("generate", final, "-p", "KING", "--seed", "5", "--top-k", "5", "--top-p", "0.9",
+    seeded = [run_cli("generate", final, "-p", "King", "--seed", "5", "--top-k", "5", "--top-p", "0.9",
                       "--max-tokens", "40").stdout for _ in range(2)]
     assert seeded[0] == seeded[1]
     two = run_cli("generate", final, "-p", "A", "--num-samples", "2", "--max-tokens", "20").stdout
@@ -174,3 +183,29 @@ def test_entry_points(tmp_path: Path) -> None:
     result = run_subprocess("--help")
     assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout
     assert (ROOT / "pyproject.toml").read_text().count('fundamentallm = "fundamentallm.cli:main"') == 1
+
+
+def _readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index(f"\n## {title}\n")
+    return readme[start : readme.find("\n## ", start + 1)]
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    def missing(command: click.Command, path: str) -> list[str]:
+        found = [f"{path} {param.opts[-1]}" for param in command.get_params(click.Context(command))
+                 if isinstance(param, click.Option) and not param.hidden and not param.help]
+        for name, sub in getattr(command, "commands", {}).items():
+            found += missing(sub, f"{path} {name}")
+        return found
+
+    assert missing(cli, "fundamentallm") == []
+
+
+def test_readme_lists_every_command_and_every_config_key_with_its_default() -> None:
+    commands = _readme_section("Commands")
+    for name in cli.commands:
+        assert f"fundamentallm {name} " in commands, f"README's command list lacks {name}"
+    # The configuration reference is a YAML block: read as YAML, it must be exactly the built-in defaults.
+    reference = yaml.safe_load(re.search(r"```yaml\n(.*?)```", _readme_section("Configuration"), re.S).group(1))
+    assert reference == Config().to_dict()

@@ -28,7 +28,7 @@ def test_trains_generates_and_evaluates_on_cuda(corpus: Path, tmp_path: Path) ->
     assert all(r["peak_memory_mb"] > 0 for r in records if r["kind"] == "train")
     evals = [r["val_loss"] for r in records if r["kind"] == "eval"]
     assert evals[-1] < evals[0]
-    gen = run_cli("generate", run / "final_model.pt", "-p", "KING", "--max-tokens", "100", "--device", "cuda")
+    gen = run_cli("generate", run / "final_model.pt", "-p", "King", "--max-tokens", "100", "--device", "cuda")
     assert gen.exit_code == 0 and len(gen.stdout) == 4 + 100 + 1
     ev = json.loads(run_cli("evaluate", run / "final_model.pt", "--json", "--device", "cuda").stdout)
     assert ev["loss"] == pytest.approx(evals[-1], rel=2e-2)  # bf16 evaluation against the run's own
@@ -37,5 +37,5 @@ def test_trains_generates_and_evaluates_on_cuda(corpus: Path, tmp_path: Path) ->
 def test_cuda_checkpoint_loads_on_cpu(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert run_cli("train", corpus, "-o", run, "--device", "cuda", *TINY, "--epochs", "1").exit_code == 0
-    gen = run_cli("generate", run / "final_model.pt", "-p", "KING", "--max-tokens", "20", "--device", "cpu")
+    gen = run_cli("generate", run / "final_model.pt", "-p", "King", "--max-tokens", "20", "--device", "cpu")
     assert gen.exit_code == 0, gen.stderr

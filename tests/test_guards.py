@@ -3,54 +3,43 @@ the checksum, --resume auto past damaged files, and torchrun processes that disa
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import ROOT, TINY, TINY_SETS, assert_clean_error, run_cli, snapshot, train_tiny
+from helpers import (
+    TINY,
+    TINY_SETS,
+    assert_clean_error,
+    run_cli,
+    snapshot,
+    subprocess_env,
+    train_tiny,
+    wait_for,
+)
 
 from fundamentallm.checkpoint import _checksum, read_checkpoint
-
-ALICE = ROOT / "examples" / "alice.txt"
-
-
-@pytest.fixture
-def text(tmp_path: Path) -> Path:
-    path = tmp_path / "alice-part.txt"
-    path.write_text(ALICE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return path
-
-
-def _wait_for(condition: Callable[[], bool], what: str, hang_guard: float = 600.0) -> None:
-    """Poll for a condition; the deadline only guards against a hang, it is not a speed requirement."""
-    deadline = time.monotonic() + hang_guard
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.05)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # One live run per directory
 
 
-def test_a_live_run_holds_its_directory(text: Path, tmp_path: Path) -> None:
+def test_a_live_run_holds_its_directory(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fundamentallm", "train", str(text), "-o", str(run), "--device", "cpu", *TINY,
+    cmd = [sys.executable, "-m", "fundamentallm", "train", str(corpus), "-o", str(run), "--device", "cpu", *TINY,
            "--epochs", "1000"]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     try:
-        _wait_for(lambda: (run / "metrics.jsonl").exists(), "the first run to start")
-        for args in (["train", text, "-o", run, *TINY], ["train", text, "-o", run, *TINY, "--overwrite"],
+        wait_for(lambda: (run / "metrics.jsonl").exists(), first, "the first run to start")
+        for args in (["train", corpus, "-o", run, *TINY], ["train", corpus, "-o", run, *TINY, "--overwrite"],
                      ["train", "--resume", "auto", "-o", run],
-                     ["sweep", text, *TINY_SETS, "--grid", "training.batch_size=8", "-o", run]):
+                     ["sweep", corpus, *TINY_SETS, "--grid", "training.batch_size=8", "-o", run]):
             result = run_cli(*args)
             assert_clean_error(result, "in use by a running FundamentaLLM process", f"pid {first.pid}")
         status = run_cli("status", run)
@@ -61,18 +50,18 @@ def test_a_live_run_holds_its_directory(text: Path, tmp_path: Path) -> None:
         first.communicate(timeout=60)
     # The lock died with the process: the directory is free again, and status says nobody is running it.
     assert "running" not in run_cli("status", run).stdout
-    train_tiny(text, run, "--overwrite", "--set", "training.max_steps=3")
+    train_tiny(corpus, run, "--overwrite", "--set", "training.max_steps=3")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Models that cannot fit
 
 
-def test_a_model_that_cannot_fit_is_refused_before_allocating(text: Path, tmp_path: Path) -> None:
+def test_a_model_that_cannot_fit_is_refused_before_allocating(corpus: Path, tmp_path: Path) -> None:
     huge = ["--set", "model.d_model=8192", "--set", "model.num_heads=64", "--set", "model.num_layers=48",
             "--set", "model.d_ff=32768", "--device", "cpu"]
-    for args in (["train", text, "-o", tmp_path / "run", *huge], ["lr-find", text, "-o", tmp_path / "lr", *huge],
-                 ["sweep", text, *huge, "--grid", "training.batch_size=8", "-o", tmp_path / "sweep"]):
+    for args in (["train", corpus, "-o", tmp_path / "run", *huge], ["lr-find", corpus, "-o", tmp_path / "lr", *huge],
+                 ["sweep", corpus, *huge, "--grid", "training.batch_size=8", "-o", tmp_path / "sweep"]):
         result = run_cli(*args)
         if args[0] == "sweep":  # the sweep reports the failed combination and fails as a whole
             assert result.exit_code == 1 and "needs about" in result.stderr, result.stderr
@@ -109,12 +98,12 @@ CRAFTED: dict[str, Callable[[dict[str, Any]], None]] = {
 
 
 @pytest.mark.parametrize("name", list(CRAFTED))
-def test_crafted_checkpoints_are_refused_everywhere(text: Path, tmp_path: Path, name: str) -> None:
+def test_crafted_checkpoints_are_refused_everywhere(corpus: Path, tmp_path: Path, name: str) -> None:
     run = tmp_path / "run"
-    train_tiny(text, run, "--set", "training.max_steps=3")
+    train_tiny(corpus, run, "--set", "training.max_steps=3")
     bad = craft(run / "final_model.pt", tmp_path / "crafted.pt", CRAFTED[name])
     before = snapshot(tmp_path)
-    for args in (["generate", bad, "-p", "A", "--max-tokens", "5"], ["evaluate", bad, text],
+    for args in (["generate", bad, "-p", "A", "--max-tokens", "5"], ["evaluate", bad, corpus],
                  ["train", "--resume", bad, "-o", tmp_path / "branch"]):
         assert_clean_error(run_cli(*args), "crafted.pt")
     assert snapshot(tmp_path) == before
@@ -124,9 +113,9 @@ def test_crafted_checkpoints_are_refused_everywhere(text: Path, tmp_path: Path, 
 # --resume auto past damaged files
 
 
-def test_resume_auto_continues_from_the_newest_sound_checkpoint(text: Path, tmp_path: Path) -> None:
+def test_resume_auto_continues_from_the_newest_sound_checkpoint(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train_tiny(text, run, "--epochs", "3", "--set", "training.keep_last_n=0")
+    train_tiny(corpus, run, "--epochs", "3", "--set", "training.keep_last_n=0")
     for name in ("final_model.pt", "checkpoint_epoch_3.pt", "checkpoint_epoch_2.pt"):
         data = bytearray((run / name).read_bytes())
         data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # the step still reads; the checksum fails
@@ -147,16 +136,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_processes_with_different_configs_stop_clearly(text: Path, tmp_path: Path) -> None:
+def test_torchrun_processes_with_different_configs_stop_clearly(corpus: Path, tmp_path: Path) -> None:
     """Two 'machines' (two torchrun launchers on loopback), each started with its own --set: the kind of mistake
     that once made the collectives fall out of step."""
     port = _free_port()
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = subprocess_env(TMPDIR=str(tmp_path))
     procs = []
     for node, lr in ((0, "1e-3"), (1, "2e-3")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-               "-m", "fundamentallm", "train", str(text), "-o", str(tmp_path / "run"), "--device", "cpu", *TINY,
+               "-m", "fundamentallm", "train", str(corpus), "-o", str(tmp_path / "run"), "--device", "cpu", *TINY,
                "--learning-rate", lr]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     outputs = [p.communicate(timeout=600) for p in procs]

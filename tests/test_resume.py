@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, assert_clean_error, run_cli, snapshot, train_tiny
+from helpers import HANG_GUARD, TINY, assert_clean_error, freeze_when, run_cli, snapshot, subprocess_env, train_tiny
 
 from fundamentallm.checkpoint import read_checkpoint
 from fundamentallm.metrics import read_metrics
@@ -37,8 +35,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(corpus: Path, tmp_path: Path, optimizer: str) -> None:
-    if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        pytest.skip("torch.optim.Muon needs PyTorch >= 2.9")
+    if optimizer == "muon" and not hasattr(torch.optim, "Muon"):  # PyTorch before 2.9: refused in one clear line
+        assert_clean_error(run_cli("train", corpus, "-o", tmp_path / "muon", *TINY, "--set", "training.optimizer=muon"),
+                           "needs PyTorch 2.9")
+        return
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     options = ["--epochs", "2", *WITH_DROPOUT, "--set", f"training.optimizer={optimizer}"]
     train_tiny(corpus, straight, *options)
@@ -55,15 +55,7 @@ def _start_training(corpus: Path, out: Path, *extra: str, env: dict | None = Non
     cmd = [sys.executable, "-m", "fundamentallm", "train", str(corpus), "-o", str(out), "--device", "cpu", *TINY,
            *WITH_DROPOUT, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-
-
-def _wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the training process")
-        time.sleep(0.01)
+                            env=subprocess_env(**(env or {})))
 
 
 def _reached_step(run: Path, step: int) -> bool:
@@ -79,9 +71,10 @@ def test_signal_saves_interrupted_checkpoint_and_resume_is_exact(corpus: Path, t
     # A log interval of 7: the signal lands inside a log window, whose losses the checkpoint must carry.
     steps = ["--epochs", "20", "--set", "training.max_steps=400", "--set", "training.log_interval=7"]
     proc = _start_training(corpus, run, *steps)
-    _wait_for(lambda: _reached_step(run, 30))
+    freeze_when(proc, lambda: _reached_step(run, 30), "step 30")
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr
     assert "Resume with: fundamentallm train --resume auto -o" in stdout
@@ -99,13 +92,15 @@ def test_signal_saves_interrupted_checkpoint_and_resume_is_exact(corpus: Path, t
 
 def test_second_ctrl_c_exits_at_once(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    # Slow checkpoint writes keep the process busy saving when the second Ctrl-C arrives.
+    # Slow checkpoint writes (a pause after every 64 KiB) keep the process saving when the second Ctrl-C comes.
     proc = _start_training(corpus, run, "--epochs", "20", env={"FUNDAMENTALLM_TEST_SLOW_WRITE": "0.5"})
-    _wait_for(lambda: _reached_step(run, 10))
+    freeze_when(proc, lambda: _reached_step(run, 10), "step 10")
     proc.send_signal(signal.SIGINT)
-    _wait_for(lambda: list(run.glob(".fundamentallm-tmp-interrupted.pt*")))
+    proc.send_signal(signal.SIGCONT)
+    freeze_when(proc, lambda: list(run.glob(".fundamentallm-tmp-interrupted.pt*")), "the save of interrupted.pt")
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
+    proc.send_signal(signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 130
     assert "Traceback" not in stderr and "Aborted" in stderr
     assert not (run / "interrupted.pt").exists() and not list(run.glob(".fundamentallm-tmp-*"))
@@ -113,11 +108,13 @@ def test_second_ctrl_c_exits_at_once(corpus: Path, tmp_path: Path) -> None:
 
 def test_sigkill_during_save_leaves_earlier_checkpoints_loadable(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
+    # Slow writes: each checkpoint takes about a second, long enough for the polling below to see it under way.
     proc = _start_training(corpus, run, "--epochs", "5", "--set", "training.keep_last_n=0",
-                           env={"FUNDAMENTALLM_TEST_SLOW_WRITE": "0.2"})
-    _wait_for(lambda: (run / "checkpoint_epoch_2.pt").exists() and list(run.glob(".fundamentallm-tmp-*")))
+                           env={"FUNDAMENTALLM_TEST_SLOW_WRITE": "0.5"})
+    freeze_when(proc, lambda: (run / "checkpoint_epoch_2.pt").exists() and list(run.glob(".fundamentallm-tmp-*")),
+                "a save after checkpoint_epoch_2.pt")
     proc.send_signal(signal.SIGKILL)  # mid-write of a later checkpoint
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=HANG_GUARD)
     assert list(run.glob(".fundamentallm-tmp-*")), "the kill should have interrupted a write"
     for path in run.glob("*.pt"):
         assert read_checkpoint(path).progress.step > 0  # every file that has its final name is whole
@@ -140,14 +137,14 @@ def test_resume_auto_skips_a_damaged_checkpoint(corpus: Path, tmp_path: Path) ->
     assert "at step 141" in result.output  # from checkpoint_epoch_1.pt
 
 
-def test_resume_refuses_a_different_model_or_corpus(corpus: Path, tmp_path: Path, shakespeare: Path) -> None:
+def test_resume_refuses_a_different_model_or_corpus(corpus: Path, tmp_path: Path, alice: str) -> None:
     run = tmp_path / "run"
     train_tiny(corpus, run, "--epochs", "1")
     ckpt = run / "final_model.pt"
     result = run_cli("train", corpus, "-o", tmp_path / "b", "--resume", ckpt, *TINY, "--set", "model.d_model=64")
     assert result.exit_code == 2 and "model.d_model: 32 in the checkpoint, 64 now" in result.stderr
     other = tmp_path / "other.txt"
-    other.write_text(shakespeare.read_text()[100_000:140_000])
+    other.write_text(alice[100_000:140_000])
     result = run_cli("train", other, "-o", tmp_path / "c", "--resume", ckpt, *TINY)
     assert result.exit_code == 2 and "different data" in result.stderr
 
@@ -182,6 +179,7 @@ def test_branching_off_a_checkpoint_keeps_its_history_and_never_mixes_runs(corpu
     assert records[0]["kind"] == "run" and records[0]["config"]["training"]["epochs"] == 3
     assert sum(r["kind"] == "run" for r in records) == 1
     at = read_checkpoint(ckpt).progress.step
+    assert records[0]["resumed_at"] == [at]
     source_steps = {s: loss for s, loss in step_losses(source).items() if s <= at}
     assert {s: loss for s, loss in step_losses(branch).items() if s <= at} == source_steps
     assert max(step_losses(branch)) == read_checkpoint(branch / "final_model.pt").progress.step
@@ -196,6 +194,7 @@ def test_resuming_in_place_rewrites_the_run_record(corpus: Path, tmp_path: Path)
     runs = [r for r in records if r["kind"] == "run"]
     assert records[0] is runs[0] and len(runs) == 1
     assert runs[0]["total_steps"] == read_checkpoint(run / "final_model.pt").progress.step
+    assert runs[0]["resumed_at"] == [141]  # where the second session took over, for plots
     assert [r["status"] for r in records if r["kind"] == "end"] == ["finished"]
 
 

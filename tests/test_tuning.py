@@ -6,40 +6,31 @@ import csv
 import hashlib
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from helpers import ROOT, TINY, TINY_SETS, assert_clean_error, run_cli, snapshot, train_tiny
+from helpers import (
+    HANG_GUARD,
+    TINY,
+    TINY_SETS,
+    assert_clean_error,
+    freeze_when,
+    run_cli,
+    snapshot,
+    subprocess_env,
+    train_tiny,
+)
 
 from fundamentallm.metrics import read_metrics
-from fundamentallm.plot import load_curves
+from fundamentallm.plot import draw_runs, load_curves, lr_label
 from fundamentallm.status import run_status
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tests train models of a few thousand parameters, where a second thread buys nothing; on a shared
-    2-core machine it costs a lot (OpenMP threads spinning against other processes made one test 60x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment for `python -m fundamentallm` in a child process: this checkout's package, one thread."""
-    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TERM": "xterm", "OMP_NUM_THREADS": "1"}
 
 
 def assert_png(path: Path) -> None:
@@ -226,17 +217,14 @@ def test_sweep_resumes_after_an_interruption_without_rerunning_finished_runs(cor
             "--set", "training.max_steps=120", "--grid", "training.learning_rate=1e-3,3e-3,1e-2", "-o", out]
     first, second, third = (out / f"learning_rate={lr}" for lr in ("1e-3", "3e-3", "1e-2"))
     proc = subprocess.Popen([sys.executable, "-m", "fundamentallm", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(TERM="xterm"))
     try:
         # Interrupt as a user would with Ctrl-C, once the second run is training.
-        deadline = time.monotonic() + 120
-        while not ((second / "metrics.jsonl").exists()
-                   and any(r["kind"] == "train" for r in read_metrics(second))):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the second run never started"
-            time.sleep(0.05)
+        freeze_when(proc, lambda: (second / "metrics.jsonl").exists()
+                    and any(r["kind"] == "train" for r in read_metrics(second)), "the second run's first step")
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=HANG_GUARD)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -303,11 +291,11 @@ def test_metrics_jsonl_is_valid_json_with_every_field_and_tensorboard(corpus: Pa
     assert_png(run / "training.png")
 
 
-def test_plot_overlays_runs_and_marks_overfitting(shakespeare: Path, tmp_path: Path) -> None:
+def test_plot_overlays_runs_and_marks_overfitting(alice: str, tmp_path: Path) -> None:
     # 1,500 training characters and a model of 105k parameters at a constant rate: it memorises the training
     # text and validation loss turns up after a few dozen steps.
     small = tmp_path / "small.txt"
-    small.write_text(shakespeare.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    small.write_text(alice[:3000], encoding="utf-8")
     over = tmp_path / "over"
     train_tiny(small, over, "--set", "model.d_model=64", "--set", "model.d_ff=256", "--set", "model.num_layers=2",
                "--set", "training.validation_split=0.5", "--epochs", "50", "--set", "training.max_steps=300",
@@ -327,6 +315,34 @@ def test_plot_overlays_runs_and_marks_overfitting(shakespeare: Path, tmp_path: P
     (steady / "training.png").unlink()
     assert run_cli("plot", steady).exit_code == 0
     assert_png(steady / "training.png")
+
+
+def marks(run: Path, gid: str) -> list[float]:
+    """Steps of the marks of one kind (resumed, interrupted, failed) on the loss panel of the run's figure."""
+    ax_loss = draw_runs([load_curves(run)]).axes[0]
+    return [float(line.get_xdata()[0]) for line in ax_loss.lines if line.get_gid() == gid]
+
+
+def test_plots_of_short_runs_are_readable(corpus: Path, tmp_path: Path) -> None:
+    # Eight steps logged every ten: one training record, one evaluation, as in a quick sweep.
+    for lr in ("1e-3", "1e-2"):
+        train_tiny(corpus, tmp_path / lr, "--set", "training.max_steps=8", "--set", "training.log_interval=10",
+                   "--learning-rate", lr)
+    fig = draw_runs([load_curves(tmp_path / "1e-3")])
+    fig.canvas.draw()
+    ax_loss, ax_lr = fig.axes
+    # Every curve shows its points (a lone point drawn as a line is invisible).
+    assert ax_loss.lines and all(line.get_marker() not in (None, "", "None") for line in ax_loss.lines + ax_lr.lines)
+    ticks = [t for t in ax_lr.get_xticks() if ax_lr.get_xlim()[0] <= t <= ax_lr.get_xlim()[1]]
+    assert ax_lr.get_xlim()[0] == 0 and 8 in ticks and all(t == int(t) for t in ticks)  # whole steps, from 0
+    # Learning rates written out on each tick, with no offset or multiplier printed apart from them.
+    labels = [label.get_text() for label in ax_lr.get_yticklabels() if label.get_text()]
+    assert labels and all(label == "0" or "e-" in label for label in labels), labels
+    assert ax_lr.yaxis.get_offset_text().get_text() == ""
+    assert [lr_label(v) for v in (1e-3, 3e-4, 2.5e-4, 0.0)] == ["1e-3", "3e-4", "2.5e-4", "0"]
+    # Runs whose rates differ tenfold (a sweep over rates) share a log scale, where both can be read.
+    assert draw_runs([load_curves(tmp_path / lr) for lr in ("1e-3", "1e-2")]).axes[1].get_yscale() == "log"
+    assert draw_runs([load_curves(tmp_path / "1e-3")]).axes[1].get_yscale() == "linear"
 
 
 def test_plot_refuses_bad_input(corpus: Path, tmp_path: Path) -> None:
@@ -369,16 +385,14 @@ def test_status_follows_a_run_from_its_files(corpus: Path, tmp_path: Path) -> No
            "--epochs", "20"]
     with log.open("w") as log_file:  # what `| tee training.log` sees: a pipe, not a terminal
         proc = subprocess.Popen(list(map(str, cmd)), stdout=log_file, stderr=subprocess.STDOUT,
-                                env=subprocess_env())
+                                env=subprocess_env(TERM="xterm"))
         try:
-            deadline = time.monotonic() + 120
-            while not ((run / "metrics.jsonl").exists() and any(r["kind"] == "eval" for r in read_metrics(run))):
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "the run never reached its first evaluation"
-                time.sleep(0.05)
-            running = run_cli("status", run)
+            freeze_when(proc, lambda: (run / "metrics.jsonl").exists()
+                        and any(r["kind"] == "eval" for r in read_metrics(run)), "the run's first evaluation")
+            running = run_cli("status", run)  # the process is stopped, mid-run, while status reads its files
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+            proc.send_signal(signal.SIGCONT)
+            proc.wait(timeout=HANG_GUARD)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -395,6 +409,7 @@ def test_status_follows_a_run_from_its_files(corpus: Path, tmp_path: Path) -> No
 
     stopped = json.loads(run_cli("status", run, "--json").stdout)
     assert stopped["state"] == "interrupted" and stopped["eta_seconds"] is None
+    assert marks(run, "interrupted") == [stopped["step"]]  # an X where the run stopped
     assert 0 < stopped["step"] < 2820 and stopped["total_steps"] == 2820 and stopped["epochs"] == 20
     assert "--resume auto" in run_cli("status", run).stdout
     # A run whose process vanished without a word (kill -9): no end record, and the file stops changing.
@@ -408,6 +423,7 @@ def test_status_follows_a_run_from_its_files(corpus: Path, tmp_path: Path) -> No
     train_tiny(corpus, run, "--resume", "auto", "--set", f"training.max_steps={end}")
     finished = json.loads(run_cli("status", run, "--json").stdout)
     assert finished["state"] == "finished" and finished["step"] == finished["total_steps"] == end
+    assert marks(run, "resumed") == [stopped["step"]] and marks(run, "interrupted") == []
 
 
 def test_status_refuses_what_is_not_a_run(tmp_path: Path) -> None:

@@ -208,7 +208,8 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
               callback=lambda ctx, param, value: _finite(value, "--top-p"),
               help="Nucleus sampling: the smallest set of characters with this total probability.")
 @click.option("--seed", type=int, help="Seed for reproducible samples.")
-@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples to draw per prompt, each continuing the same prompt.")
 @_device_option()
 @_threads_option()
 def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature: float, top_k: int,
@@ -266,7 +267,8 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("data", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Context windows per forward pass (more is faster, up to the device's memory).")
 @_device_option()
 @_threads_option()
 def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, device: str) -> None:
@@ -381,7 +383,8 @@ def status(run_dir: Path, as_json: bool) -> None:
               help="Also time KV-cached generation of 1,000 characters per preset.")
 @click.option("--recipe", metavar="NAME|PATH", help="Also measure time to --target validation loss with this config.")
 @click.option("--target", type=float, default=1.47, show_default=True, help="Validation loss for --recipe.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True,
+              help="JSON file for the measurements.")
 @_set_option("Passed to every training run.")
 def bench(data: Path, device: str, rows: str | None, steps: int | None, generation: bool, recipe: str | None,
           target: float, output: Path, assignments: tuple[str, ...]) -> None:

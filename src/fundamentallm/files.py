@@ -78,9 +78,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 def disk_full(exc: BaseException, path: Path) -> TrainingFailed | None:
     """The error to report when `exc` means the disk (or the file size limit) is full while writing `path`."""
-    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."), with the OSError as its context.
+    full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    cause: BaseException | None = exc
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in full):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
         return None
-    reason = "the file size limit was reached" if exc.errno == errno.EFBIG else "the disk is full"
+    reason = "the file size limit was reached" if cause.errno == errno.EFBIG else "the disk is full"
     return TrainingFailed(f"{reason} while writing {path}; earlier checkpoints are intact. Free some space (or "
                           f"write elsewhere with -o), then resume with --resume auto")
 

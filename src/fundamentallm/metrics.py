@@ -48,10 +48,13 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS
         history: list[dict[str, Any]] = []
         source = Path(history_from or run_dir)
-        if resume_step is not None and (source / METRICS).is_file():
+        if resume_step is not None:
+            earlier = read_metrics(source) if (source / METRICS).is_file() else []
             # Records past the checkpoint are about to be redone; end records of earlier sessions no longer hold.
-            history = [r for r in read_metrics(source)
-                       if r.get("kind") in ("train", "eval") and r.get("step", 0) <= resume_step]
+            history = [r for r in earlier if r.get("kind") in ("train", "eval") and r.get("step", 0) <= resume_step]
+            # Where each session took over, so that plots can mark it (the earlier run records are replaced).
+            before = next((r.get("resumed_at", []) for r in earlier if r.get("kind") == "run"), [])
+            run_record = {**run_record, "resumed_at": [*(step for step in before if step < resume_step), resume_step]}
         lines = [{**run_record, "time": time.time()}, *history]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in lines).encode("utf-8"))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run's duration

@@ -7,7 +7,12 @@ backend state is touched. Every PNG is written atomically (files.atomic_write_by
 A run's figure has two panels sharing the step axis: training loss (per log interval) and validation loss (per
 evaluation) on top, the learning-rate schedule below. Where validation loss turns up (a later evaluation worse than
 the best one), the best step is marked and the gap between validation and training loss from there on is shaded:
-that gap is overfitting. Several runs overlay on one figure, one colour per run.
+that gap is overfitting. Steps where the run was resumed are dotted lines; a run that ended early (interrupted or
+failed) gets an X where it stopped. Several runs overlay on one figure, one colour per run.
+
+Short runs must read as well as long ones: curves of a few points carry markers (a lone point drawn as a line is
+invisible), step ticks are whole numbers from 0, and learning rates are written out on every tick (3e-4, 1e-3)
+rather than scaled by an offset printed in a corner.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ INSTALL_HINT = "pip install 'fundamentallm[plot]'"
 # that merely flattens, is not marked as overfitting.
 TURN_TOLERANCE = 0.01
 TURN_MIN_EVALS = 2
+FEW_POINTS = 40  # curves with at most this many points get a marker on each
 
 
 def matplotlib_available() -> bool:
@@ -86,6 +92,9 @@ class RunCurves:
     eval_steps: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     parameters: int | None = None
+    resumed_at: list[int] = field(default_factory=list)  # steps where a later session continued the run
+    ended: str | None = None  # the end record's status (finished, interrupted, failed); None while running
+    end_step: int | None = None
 
     @property
     def best_index(self) -> int | None:
@@ -127,6 +136,9 @@ def load_curves(run_dir: Path, name: str | None = None) -> RunCurves:
         kind = record.get("kind")
         if kind == "run":
             curves.parameters = record.get("parameters")
+            curves.resumed_at = list(record.get("resumed_at", []))
+        elif kind == "end":
+            curves.ended, curves.end_step = record.get("status"), record.get("step")
         elif kind == "train" and "step" in record:
             curves.train_steps.append(record["step"])
             curves.train_loss.append(record.get("train_loss", math.nan))
@@ -159,7 +171,7 @@ def draw_runs(curves: list[RunCurves], title: str | None = None) -> Any:
         val_label = "validation loss" if single else run.name
         if run.train_steps:
             ax_loss.plot(run.train_steps, run.train_loss, color=color, lw=1.0, alpha=0.45 if not single else 0.8,
-                         label=train_label)
+                         label=train_label, **_markers(run.train_steps))
         if run.eval_steps:
             ax_loss.plot(run.eval_steps, run.val_loss, color=color if not single else "C1", lw=2.0, marker="o",
                          markersize=3.5, label=val_label)
@@ -182,17 +194,15 @@ def draw_runs(curves: list[RunCurves], title: str | None = None) -> Any:
                              xytext=(-4, 0), textcoords="offset points", ha="right", va="center", fontsize=8,
                              color=shade)
         if run.train_steps:
-            ax_lr.plot(run.train_steps, run.lr, color=color, lw=1.5)
+            ax_lr.plot(run.train_steps, run.lr, color=color, lw=1.5, **_markers(run.train_steps))
+        _mark_sessions(ax_loss, run, color if not single else "C3", single)
     ax_loss.set_ylabel("loss (nats per character)")
     ax_loss.grid(True, alpha=0.3)
     handles, _ = ax_loss.get_legend_handles_labels()
     if handles:
-        ax_loss.legend(fontsize=8, loc="upper right",
+        ax_loss.legend(fontsize=8, loc="best",
                        title=None if single else "validation (bold), training (thin)", title_fontsize=8)
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("optimizer step")
-    ax_lr.grid(True, alpha=0.3)
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    _step_and_lr_axes(ax_lr, curves)
     if title is None and single:
         run = curves[0]
         best = run.best_index
@@ -204,6 +214,53 @@ def draw_runs(curves: list[RunCurves], title: str | None = None) -> Any:
         title = ", ".join(parts)
     fig.suptitle(title or f"{len(curves)} runs", fontsize=10)
     return fig
+
+
+def _markers(steps: Sequence[int]) -> dict[str, Any]:
+    return {"marker": "o", "markersize": 3.5} if len(steps) <= FEW_POINTS else {}
+
+
+def _mark_sessions(ax: Any, run: RunCurves, color: str, single: bool) -> None:
+    """Dotted lines where the run was resumed, an X where it ended early (interrupted or failed)."""
+    steps = ", ".join(f"{step:,}" for step in run.resumed_at)
+    for i, step in enumerate(run.resumed_at):
+        ax.axvline(step, color=color, ls=":", lw=1.3, gid="resumed",
+                   label=f"resumed at step{'s' if len(run.resumed_at) > 1 else ''} {steps}" if single and i == 0
+                   else None)
+    losses = [v for v in run.train_loss if math.isfinite(v)] or [v for v in run.val_loss if math.isfinite(v)]
+    if run.ended in ("interrupted", "failed") and run.end_step is not None and losses:
+        ax.plot([run.end_step], [losses[-1]], "X", color=color, markersize=10, markeredgecolor="black",
+                gid=run.ended, label=f"{run.ended} at step {run.end_step:,}" if single else None)
+
+
+def lr_label(value: float, _position: object = None) -> str:
+    """A learning rate as people write it: 1e-3, 3e-4, 2.5e-4, 0."""
+    if value == 0:
+        return "0"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _step_and_lr_axes(ax_lr: Any, curves: list[RunCurves]) -> None:
+    """Whole-number steps from 0 on the shared x axis; learning rates written out on every tick, on a log scale
+    when the runs' peak rates differ tenfold or more (a sweep over rates), else on a linear one from 0."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_lr.set_xlim(left=0)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(True, alpha=0.3)
+    peaks = [max(v for v in run.lr if math.isfinite(v)) for run in curves if any(map(math.isfinite, run.lr))]
+    lows = [v for run in curves for v in run.lr if math.isfinite(v)]
+    if peaks and min(lows) > 0 and max(peaks) >= 10 * min(peaks):
+        ax_lr.set_yscale("log")
+        ax_lr.yaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))
+        ax_lr.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax_lr.set_ylim(bottom=0, top=max(peaks, default=1e-3) * 1.15)
+        ax_lr.yaxis.set_major_locator(MaxNLocator(nbins=4))
+    ax_lr.yaxis.set_major_formatter(FuncFormatter(lr_label))
 
 
 def plot_runs(run_dirs: Sequence[Path], output: Path | None = None) -> Path:
