@@ -378,10 +378,11 @@ def bench(data: Path, device: str, rows: str | None, steps: int | None, generati
               help="Require 'Authorization: Bearer KEY' on the API.")
 @click.option("--slots", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests generated at the same time; more wait in a queue.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="CPU threads for the model (see the README before raising it).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for the model (default: torch's, every core; see the README).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-def serve(checkpoint: Path, host: str, port: int, api_key: str | None, slots: int, threads: int, device: str) -> None:
+def serve(checkpoint: Path, host: str, port: int, api_key: str | None, slots: int, threads: int | None,
+          device: str) -> None:
     """Serve CHECKPOINT over an OpenAI-compatible HTTP API, with a playground page at /."""
     from fundamentallm.serve import run_server
 

@@ -413,9 +413,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run_server(checkpoint: Path, host: str, port: int, api_key: str | None, slots: int, device: str = "auto",
-               threads: int = 1) -> None:
-    """Load the checkpoint and serve it until Ctrl-C or SIGTERM. `threads`: torch's CPU threads for the model (one
-    token at a time is too little work to share: see the README for what more threads cost on a busy machine)."""
+               threads: int | None = None) -> None:
+    """Load the checkpoint and serve it until Ctrl-C or SIGTERM. `threads`: torch's CPU threads for the model
+    (None: torch's default, every core; on a machine busy with other work one thread can be faster)."""
     from fundamentallm.checkpoint import load_model
     from fundamentallm.train import select_device
 
@@ -423,7 +423,8 @@ def run_server(checkpoint: Path, host: str, port: int, api_key: str | None, slot
         raise UserError("--api-key is empty; give a key, or leave the option (and FUNDAMENTALLM_API_KEY) out")
     sock = _bind(host, port)
     loaded = load_model(checkpoint, select_device(device))
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     served = Served(str(checkpoint), Engine(loaded.model, loaded.tokenizer, slots), api_key)
     shown_host, shown_port = sock.getsockname()[:2]
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
