@@ -219,7 +219,7 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
 
     from fundamentallm.checkpoint import load_model
     from fundamentallm.device import select_device
-    from fundamentallm.generate import generate_tokens
+    from fundamentallm.generate import encode_prompt, generate_tokens
 
     dev = select_device(device)
     loaded = load_model(checkpoint, dev)
@@ -227,12 +227,7 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
     generator = torch.Generator(dev).manual_seed(seed) if seed is not None else None
 
     def run(text: str) -> None:
-        ids = tokenizer.encode(text, what="prompt")
-        if len(ids) >= context:
-            raise UserError(f"the prompt is {len(ids):,} characters, but this model's context holds {context:,}; "
-                            f"shorten it to fewer than {context:,} characters")
-        if not ids:  # an empty prompt starts from a line break when the model knows one
-            ids = tokenizer.encode("\n") if "\n" in tokenizer.chars else [0]
+        ids = encode_prompt(tokenizer, text, context)
         for sample in range(num_samples):
             if num_samples > 1:
                 click.echo(f"{'' if sample == 0 else chr(10)}--- sample {sample + 1}/{num_samples} ---")
@@ -395,6 +390,28 @@ def bench(data: Path, device: str, rows: str | None, steps: int | None, generati
     find_text_files([data])  # a clear error now rather than from the first child process
     extra = [arg for a in assignments for arg in ("--set", a)]
     run_bench(data, device, rows.split(",") if rows else None, steps, generation, recipe, target, output, extra)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# serve
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but localhost lets other machines use it: read the README.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--api-key", envvar="FUNDAMENTALLM_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on the API.")
+@click.option("--slots", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests generated at the same time; more wait in a queue.")
+@_device_option()
+@_threads_option()
+def serve(checkpoint: Path, host: str, port: int, api_key: str | None, slots: int, device: str) -> None:
+    """Serve CHECKPOINT over an OpenAI-compatible HTTP API, with a playground page at /."""
+    from fundamentallm.serve import run_server
+
+    run_server(checkpoint, host, port, api_key, slots, device)
 
 
 def main() -> None:

@@ -12,7 +12,21 @@ from collections.abc import Iterator
 
 import torch
 
+from fundamentallm.errors import UserError
 from fundamentallm.model import GPT
+from fundamentallm.tokenizer import CharTokenizer
+
+
+def encode_prompt(tokenizer: CharTokenizer, text: str, context: int) -> list[int]:
+    """Token ids of a prompt, leaving room in the context for the first new token. An empty prompt starts from
+    a line break (token 0 when the model knows none). Unseen characters or a prompt too long: a UserError."""
+    ids = tokenizer.encode(text, what="prompt")
+    if len(ids) >= context:
+        raise UserError(f"the prompt is {len(ids):,} characters, but this model's context holds {context:,}; "
+                        f"shorten it to fewer than {context:,} characters")
+    if not ids:
+        ids = tokenizer.encode("\n") if "\n" in tokenizer.chars else [0]
+    return ids
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

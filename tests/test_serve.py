@@ -1,0 +1,323 @@
+"""fundamentallm serve: the real server in a subprocess, driven by the official openai client, raw HTTP, and a real
+headless browser for the playground."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from helpers import ROOT, assert_clean_error, run_cli, train_tiny
+
+from fundamentallm.serve import pending_text
+
+KEY = "test-key-123"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+READY_DEADLINE = 120  # seconds: generous, the machine may be busy; the wait ends as soon as the server answers
+
+
+class Server:
+    """`python -m fundamentallm serve CHECKPOINT --port 0 ...` as a subprocess; the port is the one it announces."""
+
+    def __init__(self, checkpoint: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fundamentallm", "serve", str(checkpoint), "--port", "0", "--device", "cpu",
+                 *args], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.port = self._wait_ready()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _wait_ready(self) -> int:
+        deadline = time.monotonic() + READY_DEADLINE
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log.read_text()}"
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/", self.log.read_text())
+            if found:
+                try:
+                    status, body = request(int(found.group(1)), "GET", "/health")
+                    if status == 200 and body["status"] == "ok":
+                        return int(found.group(1))
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        self.proc.kill()
+        raise AssertionError(f"server not ready after {READY_DEADLINE} s:\n{self.log.read_text()}")
+
+    def health(self) -> dict:
+        return request(self.port, "GET", "/health")[1]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+
+
+def request(port: int, method: str, path: str, body: bytes | str | dict | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """One raw HTTP request; the status and the JSON answer."""
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("serve-model")
+    text = tmp / "alice.txt"
+    text.write_text((ROOT / "examples" / "alice.txt").read_text(encoding="utf-8")[:12_000], encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FUNDAMENTALLM_CACHE_DIR", str(tmp / "token-cache"))
+        train_tiny(text, tmp / "run", "--epochs", "1")
+    return tmp / "run" / "best_model.pt"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the module, its key given through the environment variable."""
+    running = Server(checkpoint, tmp_path_factory.mktemp("serve-log") / "server.log",
+                     env={"FUNDAMENTALLM_API_KEY": KEY})
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def complete(client: openai.OpenAI, **params) -> str:
+    return client.completions.create(model="m", **params).choices[0].text
+
+
+def stream(client: openai.OpenAI, **params) -> tuple[list[str], str | None]:
+    """The streamed pieces of one choice, and its finish_reason."""
+    pieces, finish = [], None
+    for chunk in client.completions.create(model="m", stream=True, **params):
+        choice = chunk.choices[0]
+        pieces += [choice.text] if choice.text else []
+        finish = choice.finish_reason or finish
+    return pieces, finish
+
+
+def test_openai_client_plain_and_streamed(server: Server, client: openai.OpenAI, checkpoint: Path) -> None:
+    assert [m.id for m in client.models.list().data] == [str(checkpoint)]
+    result = client.completions.create(model=str(checkpoint), prompt="Alice", max_tokens=30, seed=5)
+    text = result.choices[0].text
+    assert len(text) == 30 and result.choices[0].finish_reason == "length"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (5, 30)
+    # The same sampler as `fundamentallm generate`: the same seed gives the same text.
+    cli = run_cli("generate", checkpoint, "--prompt", "Alice", "--max-tokens", "30", "--seed", "5",
+                  "--temperature", "1.0", "--device", "cpu")
+    assert cli.stdout == f"Alice{text}\n"
+
+    pieces, finish = stream(client, prompt="Alice", max_tokens=30, seed=5)
+    assert len(pieces) > 1 and "".join(pieces) == text and finish == "length"
+
+    both = client.completions.create(model="m", prompt="Alice", max_tokens=30, seed=5, n=2).choices
+    assert both[0].text == text and both[1].text == complete(client, prompt="Alice", max_tokens=30, seed=6)
+
+    stop = text[10:12]
+    stopped = client.completions.create(model="m", prompt="Alice", max_tokens=30, seed=5, stop=[stop]).choices[0]
+    assert stopped.text == text[:text.find(stop)] and stopped.finish_reason == "stop"
+    assert "".join(stream(client, prompt="Alice", max_tokens=30, seed=5, stop=stop)[0]) == stopped.text
+
+    greedy = complete(client, prompt="Alice", max_tokens=20, temperature=0)
+    assert complete(client, prompt="Alice", max_tokens=20, seed=1, extra_body={"top_k": 1}) == greedy
+
+
+def test_api_key_is_required(server: Server) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        status, body = request(server.port, "POST", "/v1/completions", {"prompt": "A"}, headers)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key", body
+    assert request(server.port, "GET", "/v1/models")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize(("body", "status", "param", "needle"), [
+    ('{"prompt": "Alice",', 400, None, "not valid JSON"),
+    ("[1, 2]", 400, None, "JSON object"),
+    ({"prompt": "Alice €"}, 400, "prompt", "'€'"),
+    ({"prompt": "Alice " * 20}, 400, "prompt", "context holds 32"),
+    ({"prompt": "A", "max_tokens": 100_000}, 400, "max_tokens", "4096"),
+    ({"prompt": "A", "max_tokens": 0}, 400, "max_tokens", "greater than"),
+    ({"prompt": "A", "temperature": -1}, 400, "temperature", "greater than"),
+    ({"prompt": "A", "temperature": "hot"}, 400, "temperature", "number"),
+    ({"prompt": "A", "top_p": 0}, 400, "top_p", "greater than"),
+    ({"prompt": "A", "n": 17}, 400, "n", "16"),
+    ({"prompt": ["A"] * 9, "n": 2}, 400, "prompt", "16"),
+    ({"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"prompt": "A", "logprobs": 3}, 400, "logprobs", "not supported"),
+    ('{"prompt": "A", "temperature": NaN}', 400, "temperature", "finite"),
+    ("x" * 1_100_000, 413, None, "larger than"),
+])
+def test_bad_requests_get_openai_errors(server: Server, body: str | dict, status: int, param: str | None,
+                                        needle: str) -> None:
+    got, answer = request(server.port, "POST", "/v1/completions", body, {"Authorization": f"Bearer {KEY}"})
+    assert got == status, answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["param"] == param
+    assert needle in answer["error"]["message"]
+
+
+def test_server_survives_bad_requests(server: Server, client: openai.OpenAI) -> None:
+    assert request(server.port, "GET", "/no/such/page")[1]["error"]["message"] == "Not Found"
+    # A body that lies about its length, then a connection dropped half-way through a body.
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + b"Content-Length: 9999999999\r\n\r\n{")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + b"Content-Length: 500\r\n\r\n{\"prompt\":")
+    assert len(complete(client, prompt="Alice", max_tokens=5)) == 5
+
+
+def test_concurrent_streams_get_the_text_they_get_alone(server: Server, client: openai.OpenAI) -> None:
+    params = [{"prompt": prompt, "max_tokens": 80, "seed": seed, "temperature": 0.9, "top_p": 0.95}
+              for seed, prompt in enumerate(["Alice", "The", "", "she", "said", "Alice was", "A", "Rabbit"])]
+    alone = [stream(client, **p) for p in params]
+    together: list = [None] * len(params)
+    start = threading.Barrier(len(params))
+
+    def run(i: int) -> None:
+        start.wait()
+        together[i] = stream(client, **params[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(params))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert ["".join(pieces) for pieces, _ in together] == ["".join(pieces) for pieces, _ in alone]
+    assert all(len("".join(pieces)) == 80 for pieces, _ in together)
+
+
+def wait_idle(server: Server) -> dict:
+    deadline = time.monotonic() + 60
+    while (health := server.health())["active"] or health["waiting"]:
+        assert time.monotonic() < deadline, f"requests still running: {health}"
+        time.sleep(0.1)
+    return health
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_client_that_disconnects_frees_its_slot(server: Server, streamed: bool) -> None:
+    before = wait_idle(server)["tokens_generated"]
+    body = json.dumps({"prompt": "Alice", "max_tokens": 4096, "stream": streamed}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        if streamed:  # read until the first event: generation is under way
+            received = b""
+            while b"data: " not in received:
+                chunk = sock.recv(4096)
+                assert chunk, f"connection closed before any event: {received!r}"
+                received += chunk
+        else:
+            deadline = time.monotonic() + 60
+            while server.health()["active"] == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    # Gone long before 4,096 tokens: the job was cancelled, not run to the end.
+    assert wait_idle(server)["tokens_generated"] - before < 4096
+
+
+def test_sigterm_finishes_in_flight_requests_and_frees_the_port(checkpoint: Path, tmp_path: Path) -> None:
+    server = Server(checkpoint, tmp_path / "server.log")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    first_piece, result = threading.Event(), {}
+
+    def run() -> None:
+        pieces = []
+        for chunk in client.completions.create(model="m", prompt="Alice", max_tokens=300, stream=True):
+            pieces.append(chunk.choices[0].text)
+            first_piece.set()
+            result["finish"] = chunk.choices[0].finish_reason or result.get("finish")
+        result["text"] = "".join(pieces)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert first_piece.wait(timeout=120)
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(timeout=120)
+    assert len(result["text"]) == 300 and result["finish"] == "length"  # the request in flight finished
+    # uvicorn re-raises the signal after a clean shutdown: the process ends as terminated by SIGTERM.
+    assert server.proc.wait(timeout=60) == -signal.SIGTERM
+    assert "Finished server process" in (tmp_path / "server.log").read_text()
+    with socket.socket() as sock:  # as a server binds (closed connections may linger in TIME_WAIT), and listens:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # Linux refuses this while anything listens
+        sock.bind(("127.0.0.1", server.port))
+        sock.listen()
+
+
+def test_playground_streams_into_the_page(server: Server, client: openai.OpenAI) -> None:
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: install it with 'apt-get install chromium' (.ci/run does)"
+    expected = complete(client, prompt="Alice", max_tokens=200, temperature=0.8, seed=11)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#prompt", "Alice")
+            page.fill("#max-tokens", "200")
+            page.fill("#temperature", "0.8")
+            page.fill("#seed", "11")
+            page.fill("#api-key", KEY)
+            # Count the separate updates of the output: streamed text arrives in many, not one.
+            page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
+                .observe(document.getElementById('completion'), {childList: true, characterData: true,
+                                                                 subtree: true}); }""")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                                   timeout=120_000)
+            assert page.text_content("#completion") == expected
+            assert page.evaluate("window.updates") > 10
+            assert page.text_content("#shown-prompt") == "Alice"
+            # A bad prompt shows the server's error.
+            page.fill("#prompt", "Alice €")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('error')",
+                                   timeout=120_000)
+            assert "'€'" in page.text_content("#status")
+        finally:
+            browser.close()
+
+
+def test_serve_command_errors(checkpoint: Path, tmp_path: Path) -> None:
+    assert_clean_error(run_cli("serve", tmp_path / "missing.pt", "--port", "0"), "does not exist")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert_clean_error(run_cli("serve", checkpoint, "--port", port), "cannot listen", "--port")
+    assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--api-key", " "), "--api-key is empty")
+
+
+def test_pending_text_holds_back_what_may_start_a_stop_sequence() -> None:
+    assert pending_text("hello", 0, []) == ("hello", False)
+    assert pending_text("hello wo", 0, ["world"]) == ("hello ", False)
+    assert pending_text("hello world", 6, ["world"]) == ("", True)
+    assert pending_text("say: ab", 3, ["abc", "b"]) == (": a", True)
+    assert pending_text("xx\n", 2, ["\n\n"]) == ("", False)
