@@ -153,7 +153,12 @@ class LoadedModel:
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the model (and tokenizer, config) stored in a checkpoint, in eval mode on `device`."""
+    """Rebuild the model (and tokenizer, config) stored in a checkpoint, in eval mode on `device`. A directory
+    written by `fundamentallm export --format safetensors` is read too."""
+    from fundamentallm import export  # imports this module: import it here, not at the top
+
+    if export.is_exported(path):
+        return export.load_exported(path, device)
     payload = read_checkpoint(path)
     config = config_from_dict(payload["config"], f"checkpoint {path}")
     try:
