@@ -226,10 +226,10 @@ def _write_hf(loaded: LoadedModel, out: Path) -> None:
     arch = hf_architecture(loaded.config.model)
     hf_model = transformers.AutoModelForCausalLM.from_config(_hf_config(arch, loaded.model), dtype=torch.float32)
     hf_model.load_state_dict(_hf_weights(arch, loaded.model), strict=True)  # every weight accounted for
-    # Our `generate` defaults: sample from the whole distribution at temperature 0.8. Generation stops at the
-    # context length by default: learned positions end there, and our RoPE models never saw positions beyond it.
+    # Our `generate` defaults: sample from the whole distribution at temperature 0.8. transformers does not slide
+    # the window as we do, so prompt plus new tokens must fit the context (learned positions end there).
     hf_model.generation_config = transformers.GenerationConfig(
-        do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_length=loaded.model.context_length,
+        do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=loaded.model.context_length // 2,
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
     transformers.utils.logging.disable_progress_bar()  # a bar per file of a tiny export is noise
     hf_model.save_pretrained(out)
