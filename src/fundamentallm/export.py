@@ -40,7 +40,6 @@ from fundamentallm.files import _UMASK
 from fundamentallm.model import GPT
 from fundamentallm.tokenizer import UNKNOWN, CharTokenizer
 
-FORMATS = ("hf", "safetensors", "onnx")
 EXPORT_JSON = "fundamentallm.json"  # marks a --format safetensors directory
 EXPORT_FORMAT = "fundamentallm-safetensors"
 EXPORT_VERSION = 1
