@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import pickle
 import typing
@@ -125,8 +126,11 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
 
 
 def read_checkpoint(path: Path | str) -> Checkpoint:
-    """Load and check a checkpoint; every way it can be wrong becomes one clear UserError."""
+    """Load and check a checkpoint (a .pt file, or a directory written by `export --format safetensors`); every
+    way it can be wrong becomes one clear UserError."""
     path = Path(path)
+    if (path / WEIGHTS_DIR_JSON).is_file():
+        return _read_weights_dir(path)
     payload = _load_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         looks = "a plain PyTorch state dict" if isinstance(payload, dict) and payload and all(
@@ -171,6 +175,73 @@ def _load_payload(path: Path) -> Any:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a PyTorch "
                         f"file ({detail})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same model without pickle: a directory of safetensors weights and a JSON record (export --format safetensors)
+
+
+WEIGHTS_DIR_JSON = "fundamentallm.json"  # marks such a directory
+WEIGHTS_DIR_FORMAT = "fundamentallm-safetensors"
+WEIGHTS_DIR_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_weights_dir(checkpoint: Checkpoint, model: GPT, out: Path) -> None:
+    """Weights as safetensors, config, tokenizer, data and progress as JSON (no training state)."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(out / WEIGHTS_FILE))  # writes a tied embedding once
+    record = {"format": WEIGHTS_DIR_FORMAT, "format_version": WEIGHTS_DIR_VERSION,
+              "fundamentallm_version": __version__, "config": checkpoint.config.to_dict(),
+              "tokenizer": checkpoint.tokenizer.to_dict(), "data": dataclasses.asdict(checkpoint.data),
+              "progress": dataclasses.asdict(checkpoint.progress), "weights_sha256": _file_sha256(out / WEIGHTS_FILE)}
+    (out / WEIGHTS_DIR_JSON).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _read_weights_dir(path: Path) -> Checkpoint:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"reading {path} needs safetensors: pip install 'fundamentallm[export]'") from None
+    try:
+        record = json.loads((path / WEIGHTS_DIR_JSON).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path / WEIGHTS_DIR_JSON} is unreadable ({exc}); export the model again") from None
+    if not isinstance(record, dict) or record.get("format") != WEIGHTS_DIR_FORMAT:
+        raise UserError(f"{path / WEIGHTS_DIR_JSON} is not a FundamentaLLM export (no '{WEIGHTS_DIR_FORMAT}' marker)")
+    if type(record.get("format_version")) is not int or record["format_version"] > WEIGHTS_DIR_VERSION:
+        raise UserError(f"{path} has export format version {record.get('format_version')!r}, but this "
+                        f"FundamentaLLM ({__version__}) reads version {WEIGHTS_DIR_VERSION}; upgrade FundamentaLLM")
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file() or _file_sha256(weights_path) != record.get("weights_sha256"):
+        raise UserError(f"{weights_path} is missing or does not match the checksum in {WEIGHTS_DIR_JSON}; export "
+                        f"the model again")
+    try:
+        weights = load_file(str(weights_path))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"{weights_path} is unreadable ({str(exc).splitlines()[0]})") from None
+    config = record.get("config")
+    if isinstance(config, dict) and (config.get("model") or {}).get("tie_embeddings", True):
+        for a, b in (("lm_head.weight", "tok_emb.weight"), ("tok_emb.weight", "lm_head.weight")):
+            if a not in weights and b in weights:
+                weights[a] = weights[b]  # the tied matrix is stored once
+    payload = {"config": config, "tokenizer": record.get("tokenizer"), "model": weights,
+               "data": record.get("data"), "progress": record.get("progress")}
+    try:
+        return _parse(payload, path)
+    except _Malformed as exc:
+        raise UserError(f"{path} is damaged: its entries do not have the structure FundamentaLLM writes "
+                        f"({exc})") from None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _Malformed(Exception):

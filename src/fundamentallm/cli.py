@@ -281,6 +281,25 @@ def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# export
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), required=True,
+              help="Directory to write (created; must be empty unless --overwrite).")
+@click.option("-f", "--format", "fmt", type=click.Choice(["hf", "safetensors", "onnx"]), default="hf",
+              show_default=True, help="hf: transformers model; safetensors: weights + JSON; onnx: ONNX graph.")
+@click.option("--overwrite", is_flag=True, help="Replace what the output directory holds.")
+def export(checkpoint: Path, output_dir: Path, fmt: str, overwrite: bool) -> None:
+    """Write CHECKPOINT for other programs: transformers, safetensors or ONNX Runtime (needs the export extra)."""
+    from fundamentallm.export import export as run_export
+
+    files = run_export(checkpoint, output_dir, fmt, overwrite)
+    click.echo(f"exported {checkpoint} as {fmt} to {output_dir}: {', '.join(p.name for p in files)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Tuning and watching a run: lr-find, sweep, plot, status
 
 

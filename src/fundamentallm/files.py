@@ -59,7 +59,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             # mkstemp creates 0600; give the file the permissions open() would. Some filesystems (vfat, some
             # network mounts) refuse, and the file is just as good without.
             with contextlib.suppress(OSError):
-                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+                os.fchmod(f.fileno(), FILE_MODE)
             pause = float(os.environ.get(_SLOW_WRITE_ENV, "0") or 0)
             write(_SlowWriter(f, pause) if pause > 0 else f)  # type: ignore[arg-type]
             f.flush()
@@ -97,6 +97,7 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # once, at import: setting the umask to read it would race with other threads later
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

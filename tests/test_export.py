@@ -1,0 +1,163 @@
+"""fundamentallm export: Hugging Face transformers, safetensors and ONNX, checked against our own model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, assert_clean_error, run_cli, snapshot, train_tiny
+
+from fundamentallm.checkpoint import load_model
+
+pytest.importorskip("transformers")  # the export extra; part of dev, so CI always runs these
+
+ALICE = ROOT / "examples" / "alice.txt"
+STEPS = ["--set", "training.max_steps=20", "--set", "training.eval_interval=20"]
+
+
+@pytest.fixture
+def text(tmp_path: Path) -> Path:
+    """The first 12,000 characters of the sample book, as a file of the test's own."""
+    path = tmp_path / "alice.txt"
+    path.write_text(ALICE.read_text(encoding="utf-8")[:12_000], encoding="utf-8")
+    return path
+
+
+def passage(path: Path, length: int, start: int = 11_000) -> str:
+    """Real text the model was not trained on (from the validation split)."""
+    return path.read_text(encoding="utf-8")[start : start + length]
+
+
+def export(checkpoint: Path, out: Path, fmt: str, *extra: str) -> None:
+    result = run_cli("export", checkpoint, "-o", out, "--format", fmt, *extra)
+    assert result.exit_code == 0, result.stderr
+    assert not list(out.parent.glob(f".{out.name}.*")), "temporary directories left behind"
+
+
+def our_logits(checkpoint: Path, ids: list[list[int]]) -> torch.Tensor:
+    with torch.no_grad():
+        return load_model(checkpoint).model(torch.tensor(ids))[0]
+
+
+MAPPINGS = {  # architecture -> flags that give it; gpt2 and gpt_neox are the shipped presets as they are
+    "gpt2": ["--config", "small", "--set", "model.bias=false"],
+    "gpt_neox": ["--config", "fast-cpu", "--set", "training.use_mixed_precision=false"],  # fp32: faster on CPU
+    "llama": ["--set", "model.position_embedding=rope", "--set", "model.norm=rmsnorm", "--set", "model.mlp=swiglu",
+              "--set", "model.tie_embeddings=false", "--set", "data.min_char_frequency=3"],
+    "qwen3": ["--set", "model.position_embedding=rope", "--set", "model.norm=rmsnorm", "--set", "model.mlp=swiglu",
+              "--set", "model.qk_norm=true", "--set", "model.bias=false"],
+}
+
+
+@pytest.mark.parametrize("arch", MAPPINGS)
+def test_hf_export_computes_our_function(arch: str, text: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    train_tiny(text, tmp_path / "run", *MAPPINGS[arch], *STEPS)
+    checkpoint, out = tmp_path / "run" / "final_model.pt", tmp_path / "hf"
+    export(checkpoint, out, "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == arch and "auto_map" not in config  # a standard class: no custom code
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ours = load_model(checkpoint)
+
+    samples = [passage(text, 32), passage(text, 32, start=11_500)]  # a batch of two full contexts
+    ids = [tokenizer(s)["input_ids"] for s in samples]
+    assert ids == [ours.tokenizer.encode(s) for s in samples]
+    assert [tokenizer.decode(i) for i in ids] == samples
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids)).logits
+    assert (theirs - our_logits(checkpoint, ids)).abs().max().item() < 1e-4
+
+    prompt = passage(text, 8)
+    generated = pipeline("text-generation", model=str(out))(prompt, max_new_tokens=12)[0]["generated_text"]
+    assert generated.startswith(prompt) and len(generated) > len(prompt)
+
+
+def test_tokenizer_round_trip_with_unknown_characters(text: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    # Characters seen once in training, and those never seen, become the unknown token (shown as U+FFFD).
+    train_tiny(text, tmp_path / "run", "--set", "data.min_char_frequency=2", "--set", "training.max_steps=1")
+    export(tmp_path / "run" / "final_model.pt", tmp_path / "hf", "hf")
+    ours = load_model(tmp_path / "run" / "final_model.pt").tokenizer
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert ours.has_unknown
+    for sample in ["Alice said \u4e2d\u6587 \U0001f600!\n\n  twice\r\n", passage(text, 200), "\ufffd"]:
+        ids = theirs(sample)["input_ids"]
+        assert ids == ours.encode(sample)
+        assert theirs.decode(ids) == ours.decode(ids)
+    assert theirs.decode(theirs("Alice \u4e2d")["input_ids"]) == "Alice \ufffd"
+
+
+@pytest.mark.parametrize("preset", ["medium", "large"])
+def test_every_shipped_preset_exports(preset: str, text: Path, tmp_path: Path) -> None:
+    # small and fast-cpu are exported and checked above; these share small's architecture at other sizes.
+    train_tiny(text, tmp_path / "run", "--config", preset, "--set", "training.max_steps=1")
+    export(tmp_path / "run" / "final_model.pt", tmp_path / "hf", "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_a_model_with_no_standard_architecture_is_refused(text: Path, tmp_path: Path) -> None:
+    train_tiny(text, tmp_path / "run", "--set", "model.norm=rmsnorm", "--set", "training.max_steps=1")
+    before = snapshot(tmp_path)
+    result = run_cli("export", tmp_path / "run" / "final_model.pt", "-o", tmp_path / "hf", "--format", "hf")
+    assert_clean_error(result, "model.norm=rmsnorm", "learned positions", "--format safetensors")
+    assert snapshot(tmp_path) == before and not (tmp_path / "hf").exists()
+
+
+def test_export_does_not_overwrite_unless_asked(text: Path, tmp_path: Path) -> None:
+    train_tiny(text, tmp_path / "run", "--set", "training.max_steps=1")
+    out = tmp_path / "st"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    result = run_cli("export", tmp_path / "run" / "final_model.pt", "-o", out, "--format", "safetensors")
+    assert_clean_error(result, "not empty", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    export(tmp_path / "run" / "final_model.pt", out, "safetensors", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["fundamentallm.json", "model.safetensors"]
+
+
+def test_safetensors_directory_generates_and_evaluates_like_the_checkpoint(text: Path, tmp_path: Path) -> None:
+    train_tiny(text, tmp_path / "run", *STEPS)
+    checkpoint, out = tmp_path / "run" / "final_model.pt", tmp_path / "st"
+    export(checkpoint, out, "safetensors")
+    assert not list(out.glob("*.pt")) and not list(out.glob("*.pkl"))  # no pickle anywhere
+
+    def outputs(model: Path) -> list[str]:
+        gen = run_cli("generate", model, "--prompt", "Alice", "--max-tokens", "40", "--seed", "3")
+        on_file = run_cli("evaluate", model, text, "--json")
+        on_split = run_cli("evaluate", model, "--json")  # the run's validation split, from the recorded data
+        for result in (gen, on_file, on_split):
+            assert result.exit_code == 0, result.stderr
+        return [gen.stdout] + [{k: v for k, v in json.loads(r.stdout).items() if k != "checkpoint"}
+                               for r in (on_file, on_split)]
+
+    assert outputs(out) == outputs(checkpoint)
+
+    weights = out / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-1] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    assert_clean_error(run_cli("generate", out, "--prompt", "A"), "model.safetensors", "checksum")
+
+
+def test_onnx_runtime_gives_our_logits(text: Path, tmp_path: Path) -> None:
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    train_tiny(text, tmp_path / "run", "--set", "model.position_embedding=rope", *STEPS)
+    checkpoint, out = tmp_path / "run" / "final_model.pt", tmp_path / "onnx"
+    export(checkpoint, out, "onnx")
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    ours = load_model(checkpoint).tokenizer
+    for batch in ([passage(text, 32), passage(text, 32, start=11_600)], [passage(text, 5)]):  # any batch, length
+        ids = [tokenizer.encode(s).ids for s in batch]
+        assert ids == [ours.encode(s) for s in batch]
+        (logits,) = session.run(["logits"], {"input_ids": np.array(ids, dtype=np.int64)})
+        assert np.abs(logits - our_logits(checkpoint, ids).numpy()).max() < 1e-4
