@@ -3,6 +3,7 @@ the checksum, --resume auto past damaged files, and torchrun processes that disa
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ def test_a_live_run_holds_its_directory(corpus: Path, tmp_path: Path) -> None:
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=60)
     # The lock died with the process: the directory is free again, and status says nobody is running it.
-    assert "running" not in run_cli("status", run).stdout
+    assert json.loads(run_cli("status", run, "--json").stdout)["state"] == "stopped"
     train_tiny(corpus, run, "--overwrite", "--set", "training.max_steps=3")
 
 

@@ -9,8 +9,8 @@ A run's state:
 - running: a live process holds the directory (runfiles.hold: an OS lock that dies with the process), or, for a
   run whose process this machine cannot see (shared storage), no end record and metrics.jsonl changed recently
   (within a few of the run's own logging intervals);
-- stopped: no end record, nobody holds the directory and no recent change: the process was killed (out of
-  memory, kill -9, a lost node).
+- stopped: no end record and nobody holds the directory, which still has the lock file of a process that died
+  (or, from elsewhere, no recent change): the process was killed (out of memory, kill -9, a lost node).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 from fundamentallm.console import duration
 from fundamentallm.errors import UserError
 from fundamentallm.metrics import eta_seconds, read_metrics
-from fundamentallm.runfiles import METRICS, live_holder
+from fundamentallm.runfiles import LOCK, METRICS, live_holder
 
 # A run counts as running while metrics.jsonl is younger than this many of its own record intervals, and at
 # least STALE_MIN_SECONDS (an evaluation pass can take a while between records).
@@ -96,6 +96,8 @@ def run_status(run_dir: Path, now: float | None = None) -> RunStatus:
     elif records and records[-1].get("kind") == "end":
         status.state = records[-1].get("status", "finished")
         status.error = records[-1].get("error")
+    elif (run_dir / LOCK).exists():
+        status.state = "stopped"  # its process left the lock file behind and died: nobody holds it now
     else:
         # How often does this run write? The median gap between its records (in its own elapsed time).
         times = [r["elapsed"] for r in stepped if isinstance(r.get("elapsed"), (int, float))]
