@@ -44,7 +44,7 @@ def test_console_shows_bar_and_epoch_metrics_without_control_characters(trained:
     _, output = trained
     assert "parameters" in output and "optimizer steps" in output
     assert "Epoch 1/2: 100%|" in output and "Epoch 2/2: 100%|" in output
-    for key in ("train_loss=", "val_loss=", "perplexity=", "bpc="):
+    for key in ("epoch_train_loss=", "val_loss=", "perplexity=", "bpc="):  # the epoch summary, once per epoch
         assert output.count(key) == 2, key
     assert "\r" not in output and "\x1b" not in output  # readable in a log file
 
