@@ -398,7 +398,7 @@ def test_status_follows_a_run_from_its_files(corpus: Path, tmp_path: Path) -> No
                 proc.kill()
     assert running.exit_code == 0, running.stderr
     lines = running.stdout.splitlines()
-    assert lines[0].startswith(f"{run}: running (last update")
+    assert lines[0].startswith(f"{run}: running (pid ")  # the process holding the run directory
     assert "/20, step " in lines[1] and "/2,820 (" in lines[1]
     assert "train_loss " in lines[2] and "val_loss " in lines[2] and "best val_loss" in lines[2]
     assert "tokens/s" in lines[3] and "ETA " in lines[3]

@@ -145,7 +145,7 @@ def _acquire(directory: Path) -> int:
     except FileExistsError:
         raise UserError(f"-o {directory} is a file, not a directory") from None
     except OSError as exc:
-        raise UserError(f"cannot create {directory}: {exc.strerror}; choose another -o/--output-dir") from None
+        raise UserError(f"cannot write to {directory}: {exc.strerror}; choose another -o/--output-dir") from None
     path = directory / LOCK
     for attempt in range(40):  # `status` takes the lock for a moment to look: wait that out
         try:

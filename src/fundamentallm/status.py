@@ -116,7 +116,7 @@ def format_status(status: RunStatus) -> str:
     run_dir = status.run_dir
     ago = f"last update {duration(status.last_update_seconds_ago)} ago"
     headline = {
-        "running": f"running ({status.process or 'no process seen on this machine'}; {ago})",
+        "running": f"running ({(status.process or 'no process seen on this machine').split(':')[0]}; {ago})",
         "finished": f"finished ({ago})",
         "interrupted": f"interrupted ({ago}); continue with: fundamentallm train --resume auto -o {run_dir}",
         "failed": f"failed ({ago}): {status.error}",
