@@ -234,18 +234,26 @@ def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int
 # Interruption
 
 
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop at once. `signum` gives the exit code (128 + N: 130 or 143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+
 class StopRequest:
     """First SIGINT/SIGTERM: finish the current step, save interrupted.pt, exit. Second: exit at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.aborted = False  # a second signal came
+        self.aborted: int | None = None  # the second signal, if one came
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:
-            self.aborted = True
-            raise KeyboardInterrupt
+            self.aborted = signum
+            raise Aborted(signum)
         self.signum = signum
         if is_quiet():  # under torchrun every process gets the signal; rank 0 speaks for all
             return
@@ -651,7 +659,7 @@ def _train(config: Config, cfg: TrainingConfig, data_paths: list[str], output_di
         raise TrainingFailed(_oom_message(cfg, dev)) from None
     except RuntimeError as exc:
         if stop.aborted:  # the second Ctrl-C landed inside torch.save, which reports it as a RuntimeError
-            raise KeyboardInterrupt from None
+            raise Aborted(stop.aborted) from None
         if "can't allocate memory" not in str(exc):  # the CPU allocator's out-of-memory error
             raise
         raise TrainingFailed(_oom_message(cfg, dev)) from None
