@@ -90,7 +90,7 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
         raise UserError(f"{path} is {looks}, not a FundamentaLLM checkpoint (no '{FORMAT}' marker); "
                         f"only files written by 'fundamentallm train' can be loaded")
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION or version < 1:
         raise UserError(f"{path} has checkpoint format version {version!r}, but this FundamentaLLM "
                         f"({__version__}) reads version {FORMAT_VERSION}; upgrade FundamentaLLM to load it")
     for key in ("config", "tokenizer", "model", "progress", "data", "checksum"):

@@ -38,7 +38,7 @@ from fundamentallm.data import (
     prepare_tokens,
 )
 from fundamentallm.errors import TrainingFailed, UserError
-from fundamentallm.files import remove_stale_temporaries
+from fundamentallm.files import remove_stale_temporaries, why_unwritable
 from fundamentallm.metrics import MetricsLog, bits_per_char, perplexity
 from fundamentallm.model import GPT
 from fundamentallm.plot import plot_finished_run
@@ -405,8 +405,9 @@ def check_output_dir(output_dir: Path, resume_from: tuple[Path, dict[str, Any]] 
     parent = output_dir
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write to {parent}: permission denied; choose another -o/--output-dir")
+    reason = why_unwritable(parent)
+    if reason is not None:
+        raise UserError(f"cannot write to {parent}: {reason}; choose another -o/--output-dir")
     return existing
 
 
