@@ -184,8 +184,8 @@ class _BoundedLoader(yaml.SafeLoader):
                 [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
             self._sizes[id(node)] = 1 + sum(self._sizes.get(id(child), 1) for child in children)
         if self._sizes[id(node)] > MAX_YAML_NODES:
-            raise _TooComplex(None, None, f"more than {MAX_YAML_NODES:,} values once its aliases (*name) are "
-                              f"expanded", mark)
+            raise _TooComplex(None, None, f"more than {MAX_YAML_NODES:,} values (an alias *name counts as all "
+                              f"the values it repeats)", mark)
         return node
 
 
@@ -340,7 +340,7 @@ def _unknown_key_message(key: str, known: list[str], source: str) -> str:
     return f"unknown config key '{key}' (from {source}); known keys: {', '.join(known)}"
 
 
-MAX_MESSAGES = 5  # problems listed in one error; a hostile file can hold thousands
+MAX_MESSAGES = 3  # problems listed in one error; a hostile file can hold thousands
 
 
 def _format_validation_error(exc: ValidationError, sources: dict[str, str], tree: dict[str, Any]) -> str:

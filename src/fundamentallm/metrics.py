@@ -93,8 +93,9 @@ class MetricsLog:
 
 
 # What every field that a reader uses must hold; records are checked once, here, so that no reader has to.
-# COUNT: a non-negative integer below 2**63; FINITE: a finite number; NUMBER: any number (a loss may be inf or
-# nan); a dict: a mapping whose listed fields follow their own rules. Fields not listed may hold anything.
+# COUNT: a non-negative integer below 2**63; FINITE: a number of magnitude below 1e18 (seconds, rates: so that
+# arithmetic on them, such as an ETA, cannot overflow); NUMBER: any number (a loss may be inf or nan); a dict: a
+# mapping whose listed fields follow their own rules. Fields not listed may hold anything.
 COUNT, FINITE, NUMBER = "count", "finite", "number"
 _FIELDS: dict[str, Any] = {
     "kind": str, "status": str, "error": str, "device": str,
@@ -106,7 +107,6 @@ _FIELDS: dict[str, Any] = {
     "config": {"training": {"epochs": COUNT}},
 }
 _REQUIRED = {"train": ("step", "train_loss"), "eval": ("step", "val_loss")}  # what readers index directly
-_warned: set[tuple[str, int]] = set()
 
 
 def _follows(value: Any, rule: Any) -> bool:
@@ -118,7 +118,7 @@ def _follows(value: Any, rule: Any) -> bool:
         return False
     if rule == COUNT:
         return isinstance(value, int) and 0 <= value < 2**63
-    return rule == NUMBER or math.isfinite(value)
+    return rule == NUMBER or abs(value) < 1e18  # False for nan and inf too
 
 
 def valid_record(record: Any) -> bool:
@@ -129,10 +129,11 @@ def valid_record(record: Any) -> bool:
             and all(key in record for key in _REQUIRED.get(record["kind"], ())))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
     """Every valid record of a run's metrics.jsonl, in order. A damaged line (not UTF-8, not JSON, not an object,
     a field of the wrong type or out of range) is skipped, and one warning says how many were; a half-written
-    last line (a run being written right now, or killed mid-line) is skipped silently."""
+    last line (a run being written right now, or killed mid-line) is skipped silently. quiet: no warning (for a
+    reader that looks at a file another reader of the same command reports on)."""
     path = Path(run_dir) / METRICS_FILE
     records, damaged = [], []
     with open(path, "rb") as f:
@@ -147,8 +148,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
                 records.append(record)
             elif raw.endswith(b"\n"):  # a complete line, so damaged rather than still being written
                 damaged.append(number)
-    if damaged and (str(path), len(damaged)) not in _warned:  # once per file, however many readers look
-        _warned.add((str(path), len(damaged)))
+    if damaged and not quiet:
         shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
         warn(f"{path}: skipped {len(damaged)} damaged record(s) (line {shown})")
     return records
