@@ -79,7 +79,8 @@ def _alias_bomb() -> str:
 
 
 @pytest.mark.parametrize(("make", "args", "needles"), [
-    (lambda d: (d / "bomb.yaml").write_text(_alias_bomb()) and d / "bomb.yaml", [], ["bomb.yaml", "more than 10,000 values"]),
+    (lambda d: (d / "bomb.yaml").write_text(_alias_bomb()) and d / "bomb.yaml", [],
+     ["bomb.yaml", "more than 10,000 values"]),
     (lambda d: (d / "deep.yaml").write_text("model: " + "[" * 5000 + "]" * 5000) and d / "deep.yaml", [],
      ["deep.yaml", "nested deeper"]),
     (lambda d: "small", ["--set", "model.d_model=" + "[" * 5000 + "]" * 5000], ["--set", "nested deeper"]),

@@ -317,7 +317,10 @@ SHORT_CHARS = 60
 
 def short_repr(value: Any) -> str:
     """repr() of a value, cut to a short prefix: a message must never render (or spend time on) a huge value."""
-    text = _SHORT.repr(value)
+    try:
+        text = _SHORT.repr(value)
+    except ValueError:  # an int past str()'s digit limit (a crafted checkpoint can hold one)
+        return f"<a {type(value).__name__} too long to show>"
     return text if len(text) <= SHORT_CHARS else text[: SHORT_CHARS - 3] + "..."
 
 
