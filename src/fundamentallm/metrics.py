@@ -93,15 +93,15 @@ class MetricsLog:
 
 
 # What every field that a reader uses must hold; records are checked once, here, so that no reader has to.
-# COUNT: a non-negative integer below 2**63; FINITE: a number of magnitude below 1e18 (seconds, rates: so that
-# arithmetic on them, such as an ETA, cannot overflow); NUMBER: any number (a loss may be inf or nan); a dict: a
-# mapping whose listed fields follow their own rules. Fields not listed may hold anything.
-COUNT, FINITE, NUMBER = "count", "finite", "number"
+# COUNT: a non-negative integer below 2**63; SECONDS: a number of magnitude below 1e18 (so that arithmetic on
+# times, such as an ETA, cannot overflow); FINITE: a finite number; NUMBER: any number (a loss may be inf or nan);
+# a dict: a mapping whose listed fields follow their own rules. Fields not listed may hold anything.
+COUNT, SECONDS, FINITE, NUMBER = "count", "seconds", "finite", "number"
 _FIELDS: dict[str, Any] = {
     "kind": str, "status": str, "error": str, "device": str,
     "step": COUNT, "epoch": COUNT, "parameters": COUNT, "total_steps": COUNT, "steps_per_epoch": COUNT,
     "tokens_per_step": COUNT, "vocab_size": COUNT, "world_size": COUNT,
-    "time": FINITE, "elapsed": FINITE, "lr": FINITE, "tokens_per_sec": FINITE, "flops_per_token": FINITE,
+    "time": SECONDS, "elapsed": SECONDS, "lr": FINITE, "tokens_per_sec": FINITE, "flops_per_token": FINITE,
     "peak_memory_mb": FINITE,
     "train_loss": NUMBER, "val_loss": NUMBER, "perplexity": NUMBER, "bits_per_char": NUMBER, "grad_norm": NUMBER,
     "config": {"training": {"epochs": COUNT}},
@@ -118,7 +118,9 @@ def _follows(value: Any, rule: Any) -> bool:
         return False
     if rule == COUNT:
         return isinstance(value, int) and 0 <= value < 2**63
-    return rule == NUMBER or abs(value) < 1e18  # False for nan and inf too
+    if rule == SECONDS:
+        return abs(value) < 1e18  # False for nan and inf too
+    return rule == NUMBER or math.isfinite(value)
 
 
 def valid_record(record: Any) -> bool:
