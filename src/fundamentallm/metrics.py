@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fundamentallm.console import warn
-from fundamentallm.errors import TrainingFailed, UserError
+from fundamentallm.errors import TrainingFailed
 from fundamentallm.files import atomic_write_bytes, disk_full
 
 METRICS_FILE = "metrics.jsonl"
@@ -138,11 +138,7 @@ def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
     reader that looks at a file another reader of the same command reports on)."""
     path = Path(run_dir) / METRICS_FILE
     records, damaged = [], []
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below; the try is only about opening it
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    with f:
+    with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
