@@ -31,7 +31,7 @@ from fundamentallm.config import preset_names, resolve_config
 from fundamentallm.console import info
 from fundamentallm.device import select_device
 from fundamentallm.errors import UserError
-from fundamentallm.files import atomic_write_bytes
+from fundamentallm.files import atomic_write_bytes, why_unwritable
 from fundamentallm.generate import generate_tokens
 from fundamentallm.metrics import read_metrics
 from fundamentallm.model import GPT
@@ -174,8 +174,9 @@ def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = No
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create {output.parent} for the results: {exc.strerror}") from None
-    if not os.access(output.parent, os.W_OK):
-        raise UserError(f"cannot write to {output.parent}: permission denied; choose another -o/--output")
+    reason = why_unwritable(output.parent)
+    if reason is not None:
+        raise UserError(f"cannot write to {output.parent}: {reason}; choose another -o/--output")
     steps = steps or (50 if kind == "cuda" else 10)
     warmup = 20 if kind == "cuda" else 3
     extra = extra or []

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -19,24 +19,45 @@ from fundamentallm import __version__
 from fundamentallm.errors import TrainingFailed, UserError
 
 
+def _usage_error(exc: click.UsageError) -> NoReturn:
+    """click's usage errors as one line, like every other error (click prints usage, a hint and the error)."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        raise exc  # a bare command shows its help
+    message = exc.format_message()
+    if len(message) > 300:  # the message quotes the bad value, which may be huge
+        message = message[:297] + "..."
+    hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+    click.echo(f"error: {message}{hint}", err=True)
+    sys.exit(exc.exit_code)
+
+
 class _Group(click.Group):
     """Turns UserError into one clean line and a non-zero exit code."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:  # options of the group itself (fundamentallm --bogus)
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            _usage_error(exc)
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug")) or os.environ.get("FUNDAMENTALLM_DEBUG") == "1"
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a command's own arguments, or an unknown command
+            _usage_error(exc)
         except UserError as exc:
             if debug:
                 raise
             if not getattr(exc, "quiet", False):  # under torchrun, a rank that only follows another's error
                 click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug:
                 raise
             click.echo("\nAborted.", err=True)
-            ctx.exit(130)
+            ctx.exit(128 + getattr(exc, "signum", 2))  # a second SIGTERM exits 143, a second Ctrl-C 130
         except BrokenPipeError:  # e.g. `fundamentallm generate ... | head`
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
             ctx.exit(0)
@@ -105,9 +126,9 @@ def _output_dir_option(default: str, help: str) -> Any:
 # train
 
 
-def _finite(value: float, flag: str) -> float:
+def _finite(value: float | None, flag: str) -> float | None:
     """click's FloatRange lets nan (and, without a maximum, inf) through; sampling needs a real number."""
-    if not math.isfinite(value):
+    if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number", param_hint=flag)
     return value
 
@@ -207,7 +228,7 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               callback=lambda ctx, param, value: _finite(value, "--top-p"),
               help="Nucleus sampling: the smallest set of characters with this total probability.")
-@click.option("--seed", type=int, help="Seed for reproducible samples.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Seed for reproducible samples.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Samples to draw per prompt, each continuing the same prompt.")
 @_device_option()
@@ -311,12 +332,14 @@ def export(checkpoint: Path, output_dir: Path, fmt: str, overwrite: bool) -> Non
 @_set_option()
 # The range test's defaults live in lr_finder.py (not imported here: it loads torch); None means "not given".
 @click.option("--start-lr", type=click.FloatRange(min=0, min_open=True),
+              callback=lambda ctx, param, value: _finite(value, "--start-lr"),
               help="First learning rate of the range (default 1e-5).")
 @click.option("--end-lr", type=click.FloatRange(min=0, min_open=True),
+              callback=lambda ctx, param, value: _finite(value, "--end-lr"),
               help="Last learning rate of the range (default 1).")
 @click.option("--steps", type=click.IntRange(min=1),
               help="Optimizer steps over the range, at most: the test stops once the loss diverges (default 60).")
-@click.option("--diverge-factor", type=float,
+@click.option("--diverge-factor", type=float, callback=lambda ctx, param, value: _finite(value, "--diverge-factor"),
               help="Stop when the smoothed loss exceeds this multiple of its best (default 4).")
 @_device_option()
 @_threads_option()

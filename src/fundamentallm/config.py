@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
+import reprlib
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +27,21 @@ from fundamentallm.errors import UserError
 from fundamentallm.files import atomic_write_bytes
 
 PRESETS_PACKAGE = "fundamentallm.configs"
+
+# Upper bounds far beyond any real run, and small enough that every use in the code stays in range (torch seeds
+# are 64-bit; steps, counts and shapes end up in int64 tensors and numpy counters). Memory is checked separately.
+MAX_SEED = 2**63 - 1
+MAX_WIDTH = 1 << 16  # d_model, num_heads
+MAX_FF_WIDTH = 1 << 18  # d_ff
+MAX_LAYERS = 1024
+MAX_BATCH = 1 << 16  # batch_size, gradient_accumulation_steps
+MAX_SEQUENCE = 1 << 20
+MAX_COUNT = 10**9  # epochs, steps, intervals and patience
+MAX_CHAR_FREQUENCY = 10**12
+# A config file is a few hundred bytes; anything this large is not one (e.g. --config /dev/zero).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 16  # a config needs 3 levels (section, key, a list value)
+MAX_YAML_NODES = 10_000  # values after expanding YAML aliases: bounds an "alias bomb"
 
 
 class _Section(BaseModel):
@@ -37,10 +55,10 @@ class ModelConfig(_Section):
     """The decoder's shape. The vocabulary size comes from the tokenizer, the context length from
     training.sequence_length, so neither is set here."""
 
-    d_model: int = Field(512, gt=0, description="width of the residual stream")
-    num_heads: int = Field(8, gt=0, description="attention heads per layer")
-    num_layers: int = Field(6, gt=0, description="transformer blocks")
-    d_ff: int = Field(2048, gt=0, description="hidden width of the MLP")
+    d_model: int = Field(512, gt=0, le=MAX_WIDTH, description="width of the residual stream")
+    num_heads: int = Field(8, gt=0, le=MAX_WIDTH, description="attention heads per layer")
+    num_layers: int = Field(6, gt=0, le=MAX_LAYERS, description="transformer blocks")
+    d_ff: int = Field(2048, gt=0, le=MAX_FF_WIDTH, description="hidden width of the MLP")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on embeddings and on each block's output")
     attention_dropout: float = Field(
         0.0, ge=0.0, lt=1.0,
@@ -74,19 +92,19 @@ class ModelConfig(_Section):
 
 class TrainingConfig(_Section):
     learning_rate: float = Field(3e-4, gt=0.0, description="peak learning rate")
-    batch_size: int = Field(32, ge=1, description="sequences per micro-batch (per process)")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    epochs: int = Field(10, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="sequences per micro-batch (per process)")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH)
+    epochs: int = Field(10, ge=1, le=MAX_COUNT)
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT, description="stop after this many optimizer steps")
     time_budget: float | None = Field(
         None, gt=0, le=366 * 86400,
         description="wall-clock budget in seconds (or 10m, 1h30m, ...): the run measures its speed over its first "
                     "steps, then fixes the number of steps so that the learning-rate schedule ends in time")
-    sequence_length: int = Field(256, ge=1, description="context length in tokens")
-    warmup_steps: int = Field(100, ge=0, description="optimizer steps of linear warm-up")
+    sequence_length: int = Field(256, ge=1, le=MAX_SEQUENCE, description="context length in tokens")
+    warmup_steps: int = Field(100, ge=0, le=MAX_COUNT, description="optimizer steps of linear warm-up")
     scheduler: Literal["cosine", "linear", "step", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
-    step_size: int = Field(1, ge=1, description="step scheduler: epochs between drops")
+    step_size: int = Field(1, ge=1, le=MAX_COUNT, description="step scheduler: epochs between drops")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step scheduler: factor per drop")
     optimizer: Literal["adamw", "muon"] = Field(
         "adamw", description="muon: Muon for the blocks' weight matrices, AdamW for the rest (PyTorch >= 2.9)")
@@ -95,19 +113,22 @@ class TrainingConfig(_Section):
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     gradient_clip_norm: float | None = Field(1.0, gt=0.0, description="null disables clipping")
     validation_split: float = Field(0.1, gt=0.0, lt=1.0)
-    eval_interval: int = Field(0, ge=0, description="optimizer steps between evaluations; 0: each epoch")
-    eval_batches: int = Field(0, ge=0, description="batches per evaluation; 0: the whole validation split")
-    early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement; 0: off")
+    eval_interval: int = Field(0, ge=0, le=MAX_COUNT,
+                               description="optimizer steps between evaluations; 0: each epoch")
+    eval_batches: int = Field(0, ge=0, le=MAX_COUNT,
+                              description="batches per evaluation; 0: the whole validation split")
+    early_stopping_patience: int = Field(0, ge=0, le=MAX_COUNT,
+                                         description="evaluations without improvement; 0: off")
     use_mixed_precision: bool | Literal["auto"] = Field(
         "auto", description="auto: bf16 (or fp16) autocast on GPUs, fp32 on CPU; true: also bf16 on CPUs that "
                             "support it natively; false: fp32 everywhere")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile; auto: on for CUDA")
-    save_every_n_epochs: int = Field(1, ge=1)
-    keep_last_n: int = Field(3, ge=0, description="periodic checkpoints to keep; 0 keeps all")
+    save_every_n_epochs: int = Field(1, ge=1, le=MAX_COUNT)
+    keep_last_n: int = Field(3, ge=0, le=MAX_COUNT, description="periodic checkpoints to keep; 0 keeps all")
     save_best: bool = True
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     deterministic: bool = False
-    log_interval: int = Field(10, ge=1, description="optimizer steps between metric records")
+    log_interval: int = Field(10, ge=1, le=MAX_COUNT, description="optimizer steps between metric records")
     sample_tokens: int = Field(
         100, ge=0, le=10_000,
         description="characters sampled from a fixed prompt after each evaluation, shown and recorded; 0: none")
@@ -120,8 +141,8 @@ class TrainingConfig(_Section):
 
 class DataConfig(_Section):
     min_char_frequency: int = Field(
-        1, ge=1, description="characters seen fewer times in the training text map to the unknown token"
-    )
+        1, ge=1, le=MAX_CHAR_FREQUENCY,
+        description="characters seen fewer times in the training text map to the unknown token")
 
 
 class Config(_Section):
@@ -155,15 +176,63 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+class _TooComplex(yaml.composer.ComposerError):
+    """YAML that is valid but that no configuration needs: refused before it can exhaust time or memory."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses nesting deeper than MAX_YAML_DEPTH and documents that expand (through
+    aliases) to more than MAX_YAML_NODES values. The composer is recursive, so depth is checked as it descends;
+    an alias counts as the whole subtree it repeats, so a "billion laughs" document is refused after a few
+    thousand nodes instead of being rendered or validated in full."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values under it, aliases expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _TooComplex(None, None, f"values nested deeper than {MAX_YAML_DEPTH} levels",
+                                  self.peek_event().start_mark)
+            mark = self.peek_event().start_mark
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if id(node) not in self._sizes:  # a new node (an alias returns one already counted)
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            self._sizes[id(node)] = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        if self._sizes[id(node)] > MAX_YAML_NODES:
+            raise _TooComplex(None, None, f"more than {MAX_YAML_NODES:,} values (an alias *name counts as all "
+                              f"the values it repeats)", mark)
+        return node
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except (ValueError, OverflowError) as exc:  # a scalar YAML cannot convert: 2001-13-45, a 5,000-digit number
+        raise yaml.constructor.ConstructorError(None, None, f"a value that cannot be read ({exc})", None) from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if isinstance(exc, _TooComplex):
+            raise UserError(f"{origin} is refused{where}: it holds {problem}; a configuration is a few flat "
+                            f"sections of keys") from None
         context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
         if context and context_mark is not None:  # e.g. where an unclosed bracket was opened
             problem += f" ({context} started at line {context_mark.line + 1}, column {context_mark.column + 1})"
@@ -177,26 +246,60 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     return {key: {} if value is None else value for key, value in data.items()}
 
 
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or (os.altsep is not None and os.altsep in name)
+
+
 def load_config_source(name_or_path: str) -> tuple[dict[str, Any], str]:
-    """Return the raw mapping of a preset name or YAML path, and a short description of where it came from."""
+    """Return the raw mapping of a preset name or YAML path, and a short description of where it came from.
+
+    A bare name is a preset (small, or small.yaml); anything with a path separator is a file, and must exist,
+    except configs/NAME.yaml, the presets' own spelling in the training guide."""
     path = Path(name_or_path)
     if name_or_path in preset_names():
         text = resources.files(PRESETS_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text("utf-8")
         return _read_yaml(text, f"preset '{name_or_path}'"), f"preset '{name_or_path}'"
-    if path.is_dir():
-        raise UserError(f"--config {name_or_path} is a directory; give a YAML file or one of the presets "
-                        f"{', '.join(preset_names())}")
-    if not path.exists():
-        # The training guide writes presets as configs/small.yaml; accept that spelling when no such file exists.
-        if path.suffix in (".yaml", ".yml") and path.stem in preset_names():
+    if not os.path.lexists(path):
+        preset_spelling = not _looks_like_path(name_or_path) or path.parent == Path("configs")
+        if preset_spelling and path.suffix in (".yaml", ".yml") and path.stem in preset_names():
             return load_config_source(path.stem)
+        if _looks_like_path(name_or_path):
+            raise UserError(f"--config {name_or_path}: no such file; give the path of an existing YAML file, or "
+                            f"one of the presets {', '.join(preset_names())}")
         raise UserError(f"--config {name_or_path}: no such file, and not a preset name; "
                         f"use one of {', '.join(preset_names())} or a path to a YAML file")
+    return _read_yaml(_read_config_file(path), str(path)), str(path)
+
+
+def _read_config_file(path: Path) -> str:
+    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8. Opened without blocking
+    and checked with fstat, so a FIFO, a device (/dev/zero) or a directory is refused instead of read forever."""
+    hint = f"give a YAML file or one of the presets {', '.join(preset_names())}"
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read config file {path}: {exc}") from None
-    return _read_yaml(text, str(path)), str(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except PermissionError:
+        raise UserError(f"cannot read config file {path}: permission denied") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise UserError(f"--config {path} is a directory; {hint}")
+        raise UserError(f"--config {path} is not a regular file (a device, pipe or socket); {hint}")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError(f"--config {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a configuration is a few "
+                        f"hundred bytes of YAML: is this the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at byte offset "
+                        f"{exc.start:,})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,15 +315,35 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     if "." not in key:
         raise UserError(f"--set {assignment!r}: the key needs its section, for example training.{key} or "
                         f"model.{key}")
-    return key, parse_value(raw) if raw.strip() else None
+    try:
+        return key, parse_value(raw) if raw.strip() else None
+    except UserError as exc:
+        raise UserError(f"--set {short_repr(key)}: {exc}") from None
 
 
 def parse_value(text: str) -> Any:
     """A value typed on the command line, read as YAML (1e-3, true, null, [1, 2]); the text itself otherwise."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
+    except _TooComplex as exc:
+        raise UserError(f"the value {short_repr(text)} holds {exc.problem}; give a number, a word or a short "
+                        f"list") from None
     except yaml.YAMLError:
         return text
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 40, 40, 40
+SHORT_CHARS = 60
+
+
+def short_repr(value: Any) -> str:
+    """repr() of a value, cut to a short prefix: a message must never render (or spend time on) a huge value."""
+    try:
+        text = _SHORT.repr(value)
+    except ValueError:  # an int past str()'s digit limit (a crafted checkpoint can hold one)
+        return f"<a {type(value).__name__} too long to show>"
+    return text if len(text) <= SHORT_CHARS else text[: SHORT_CHARS - 3] + "..."
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
@@ -229,16 +352,20 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None
         raise UserError(_unknown_key_message(section, list(Config.model_fields), source))
     node = tree.setdefault(section, {})
     if not isinstance(node, dict):
-        raise UserError(f"{source}: '{section}' must be a mapping of keys, not {node!r}")
+        raise UserError(f"{source}: '{section}' must be a mapping of keys, not {short_repr(node)}")
     node[name] = value
 
 
 def _unknown_key_message(key: str, known: list[str], source: str) -> str:
+    key = key if len(key) <= SHORT_CHARS else key[: SHORT_CHARS - 3] + "..."
     close = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=1)
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
     if close:
         return f"unknown config key '{key}' (from {source}); did you mean '{prefix}{close[0]}'?"
     return f"unknown config key '{key}' (from {source}); known keys: {', '.join(known)}"
+
+
+MAX_MESSAGES = 3  # problems listed in one error; a hostile file can hold thousands
 
 
 def _format_validation_error(exc: ValidationError, sources: dict[str, str], tree: dict[str, Any]) -> str:
@@ -258,7 +385,9 @@ def _format_validation_error(exc: ValidationError, sources: dict[str, str], tree
             messages.append(msg)  # a rule across keys; its message names them
             continue
         rule = msg.replace("Input should be", "must be").replace("Input", "the value")
-        messages.append(f"{loc} = {err['input']!r}{origin} is not allowed: {rule}")
+        messages.append(f"{loc} = {short_repr(err['input'])}{origin} is not allowed: {rule}")
+    if len(messages) > MAX_MESSAGES:
+        messages = [*messages[:MAX_MESSAGES], f"and {len(messages) - MAX_MESSAGES} more problem(s)"]
     return "invalid configuration: " + "; ".join(messages)
 
 

@@ -282,6 +282,10 @@ def _build_cache(files: list[Path], names: str, cache_dir: Path, num_chars: int,
     if not has_text:
         raise UserError(f"{names}: the text is only whitespace; there is nothing to learn from")
     unseen_in_train = int(np.count_nonzero((val_counts > 0) & (train_counts < min_char_frequency)))
+    if min_char_frequency > train_counts.max():  # every character would be the unknown token: nothing to learn
+        raise UserError(f"data.min_char_frequency = {min_char_frequency:,} is more than the count of every character "
+                        f"in the training text of {names} (the most frequent occurs {int(train_counts.max()):,} "
+                        f"times); lower it, e.g. --set data.min_char_frequency=1")
     tokenizer = CharTokenizer.fit(train_counts, min_char_frequency, reserve_unknown=unseen_in_train > 0)
     if unseen_in_train:
         warn(f"{unseen_in_train} distinct character(s) in the validation part never occur (often enough) in "

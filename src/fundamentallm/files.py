@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,20 +20,30 @@ from typing import BinaryIO
 
 from fundamentallm.errors import TrainingFailed, UserError
 
-# Test hook: seconds to pause after every 64 KiB written, so that a test can kill the process mid-write.
+# Test hooks: seconds to pause after every 64 KiB written, so that a test can kill the process mid-write; and a
+# full disk after this many bytes of each file (whose name matches the pattern, default all), as the OS reports it.
 _SLOW_WRITE_ENV = "FUNDAMENTALLM_TEST_SLOW_WRITE"
+_FAIL_WRITE_ENV = "FUNDAMENTALLM_TEST_FULL_DISK_AFTER"
+_FAIL_WRITE_FILES_ENV = "FUNDAMENTALLM_TEST_FULL_DISK_FILES"
 TEMP_PREFIX = ".fundamentallm-tmp-"  # distinct enough that cleaning up never touches a user's own files
 
 
-class _SlowWriter:
-    def __init__(self, raw: BinaryIO, pause: float) -> None:
-        self.raw, self.pause = raw, pause
+class _TestWriter:
+    """Test hooks around the real file: pause after every 64 KiB, and fail the way a full disk does."""
+
+    def __init__(self, raw: BinaryIO, pause: float, fail_after: int, path: Path) -> None:
+        self.raw, self.pause, self.fail_after, self.path = raw, pause, fail_after, path
         self._unpaused = 0  # bytes written since the last pause
+        self._written = 0
 
     def write(self, data: bytes) -> int:
+        if 0 <= self.fail_after < self._written + len(data) and fnmatch.fnmatch(
+                self.path.name, os.environ.get(_FAIL_WRITE_FILES_ENV, "*")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.raw.write(data)
+        self._written += len(data)
         self._unpaused += len(data)
-        while self._unpaused >= 1 << 16:
+        while self.pause > 0 and self._unpaused >= 1 << 16:
             self.raw.flush()
             time.sleep(self.pause)
             self._unpaused -= 1 << 16
@@ -42,17 +54,20 @@ class _SlowWriter:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(f)` on a temporary file and rename it to `path` once it is complete and on disk."""
+    """Call `write(f)` on a temporary file and rename it to `path` once it is complete and on disk.
+
+    Whatever the writer reports when the file system fails (an OSError, or torch.save's RuntimeError "unexpected
+    pos ..." that wraps one), it is the write failing: TrainingFailed names the file and the space left, and the
+    earlier version of `path`, if any, is untouched."""
     path = Path(path)
     directory = path.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=directory)
-    except PermissionError:
-        raise UserError(f"cannot write to {directory}: permission denied; choose another directory "
-                        f"with -o/--output-dir") from None
     except OSError as exc:
-        raise UserError(f"cannot write to {directory}: {exc.strerror}") from None
+        reason = "read-only file system" if exc.errno == errno.EROFS else \
+            "permission denied" if isinstance(exc, PermissionError) else exc.strerror
+        raise UserError(f"cannot write to {directory}: {reason}; choose another place to write (-o)") from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -61,19 +76,59 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             with contextlib.suppress(OSError):
                 os.fchmod(f.fileno(), FILE_MODE)
             pause = float(os.environ.get(_SLOW_WRITE_ENV, "0") or 0)
-            write(_SlowWriter(f, pause) if pause > 0 else f)  # type: ignore[arg-type]
+            fail_after = int(os.environ.get(_FAIL_WRITE_ENV, "-1") or -1)
+            if pause > 0 or fail_after >= 0:
+                write(_TestWriter(f, pause, fail_after, path))  # type: ignore[arg-type]
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_directory(directory)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        full = disk_full(exc, path)
-        if full is not None:
-            raise full from None
-        if isinstance(exc, PermissionError):
-            raise UserError(f"cannot write {path}: permission denied") from None
-        raise
+        failure = _write_failure(exc, path)
+        if failure is exc:
+            raise
+        raise failure from None
+
+
+def _write_failure(exc: BaseException, path: Path) -> BaseException:
+    """The error to raise when writing `path` ended with `exc`: `exc` itself unless it is the file system's."""
+    chain = [exc]
+    while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    interrupt = next((e for e in chain if isinstance(e, KeyboardInterrupt)), None)
+    if interrupt is not None:  # Ctrl-C inside torch.save arrives wrapped in a RuntimeError
+        return interrupt
+    if isinstance(exc, UserError):  # e.g. unreadable input while writing the token cache
+        return exc
+    os_error = next((e for e in chain if isinstance(e, OSError)), None)
+    if os_error is not None:
+        if os_error.errno == errno.EROFS:
+            return UserError(f"cannot write {path}: read-only file system")
+        if isinstance(os_error, PermissionError):
+            return UserError(f"cannot write {path}: permission denied")
+        return disk_full(os_error, path) or TrainingFailed(
+            f"writing {path} failed ({os_error.strerror or os_error}){_space_left(path)}; files written before "
+            f"it are intact. Fix the file system (or write elsewhere with -o); a training run continues with "
+            f"--resume auto")
+    if isinstance(exc, RuntimeError):  # torch's writer, which reports a short write as "unexpected pos ..."
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return TrainingFailed(
+            f"writing {path} failed ({detail}){_space_left(path)}; the disk is probably full. Files written before "
+            f"it are intact. Free some space (or write elsewhere with -o); a training run continues with "
+            f"--resume auto")
+    return exc
+
+
+def _space_left(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    amount = f"{free / 2**30:,.1f} GiB" if free >= 2**30 else f"{free / 2**20:,.1f} MiB"
+    return f" with {amount} free on that file system"
 
 
 def disk_full(exc: BaseException, path: Path) -> TrainingFailed | None:
@@ -86,8 +141,17 @@ def disk_full(exc: BaseException, path: Path) -> TrainingFailed | None:
     if cause is None:
         return None
     reason = "the file size limit was reached" if cause.errno == errno.EFBIG else "the disk is full"
-    return TrainingFailed(f"{reason} while writing {path}; earlier checkpoints are intact. Free some space (or "
-                          f"write elsewhere with -o), then resume with --resume auto")
+    return TrainingFailed(f"{reason} while writing {path}{_space_left(path)}; earlier files are intact. Free some "
+                          f"space (or write elsewhere with -o); a training run continues with --resume auto")
+
+
+def why_unwritable(directory: Path) -> str | None:
+    """Why new files cannot be created in an existing `directory` ("read-only file system", "permission
+    denied"), or None when they can."""
+    with contextlib.suppress(OSError, AttributeError):  # statvfs: not on Windows
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    return None if os.access(directory, os.W_OK) else "permission denied"
 
 
 def _read_umask() -> int:

@@ -40,6 +40,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        # A top_p below float32's resolution (1e-300) compares as 0 and would drop even the first token.
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits[drop] = -torch.inf
     return logits
@@ -47,13 +49,18 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy."""
+    """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy, and so does any
+    temperature too small for float32 (below its smallest normal number, where dividing by it is 0 / 0)."""
     logits = logits.float()
-    if temperature == 0:
+    top = logits.max(dim=-1, keepdim=True).values  # nan if any logit is nan
+    if not bool(torch.isfinite(top).all()):
+        raise UserError("the model produced NaN or infinite scores for the next character: its weights are "
+                        "damaged or overflow (e.g. saved after training diverged); use an earlier checkpoint")
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
     # Shift so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf
     # (greedy in effect) instead of overflowing to inf - inf = nan.
-    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    scaled = (logits - top) / temperature
     probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -100,18 +100,65 @@ class MetricsLog:
             self._tb.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete record of a run's metrics.jsonl (a half-written last line, or anything that is not a JSON
-    object, is ignored)."""
-    path = Path(run_dir) / METRICS
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+# What every field that a reader uses must hold; records are checked once, here, so that no reader has to.
+# COUNT: a non-negative integer below 2**63; SECONDS: a number of magnitude below 1e18 (so that arithmetic on
+# times, such as an ETA, cannot overflow); FINITE: a finite number; NUMBER: any number (a loss may be inf or nan);
+# a dict: a mapping whose listed fields follow their own rules. Fields not listed may hold anything.
+COUNT, SECONDS, FINITE, NUMBER = "count", "seconds", "finite", "number"
+_FIELDS: dict[str, Any] = {
+    "kind": str, "status": str, "error": str, "device": str,
+    "step": COUNT, "epoch": COUNT, "parameters": COUNT, "total_steps": COUNT, "steps_per_epoch": COUNT,
+    "tokens_per_step": COUNT, "vocab_size": COUNT, "world_size": COUNT,
+    "time": SECONDS, "elapsed": SECONDS, "lr": FINITE, "tokens_per_sec": FINITE, "flops_per_token": FINITE,
+    "peak_memory_mb": FINITE,
+    "train_loss": NUMBER, "val_loss": NUMBER, "perplexity": NUMBER, "bits_per_char": NUMBER, "grad_norm": NUMBER,
+    "config": {"training": {"epochs": COUNT}},
+}
+_REQUIRED = {"train": ("step", "train_loss"), "eval": ("step", "val_loss")}  # what readers index directly
 
+
+def _follows(value: Any, rule: Any) -> bool:
+    if isinstance(rule, dict):
+        return isinstance(value, dict) and all(_follows(value[k], r) for k, r in rule.items() if k in value)
+    if rule is str:
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if rule == COUNT:
+        return isinstance(value, int) and 0 <= value < 2**63
+    if rule == SECONDS:
+        return abs(value) < 1e18  # False for nan and inf too
+    return rule == NUMBER or math.isfinite(value)
+
+
+def valid_record(record: Any) -> bool:
+    """Whether a parsed line is a record FundamentaLLM could have written: a JSON object with a "kind" whose
+    known fields have the right types."""
+    return (isinstance(record, dict) and isinstance(record.get("kind"), str)
+            and all(_follows(value, _FIELDS[key]) for key, value in record.items() if key in _FIELDS)
+            and all(key in record for key in _REQUIRED.get(record["kind"], ())))
+
+
+def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
+    """Every valid record of a run's metrics.jsonl, in order. A damaged line (not UTF-8, not JSON, not an object,
+    a field of the wrong type or out of range) is skipped, and one warning says how many were; a half-written
+    last line (a run being written right now, or killed mid-line) is skipped silently. quiet: no warning (for a
+    reader that looks at a file another reader of the same command reports on)."""
+    path = Path(run_dir) / METRICS
+    records, damaged = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, a number past int()'s limit, nesting
+                record = None
+            if valid_record(record):
+                records.append(record)
+            elif raw.endswith(b"\n"):  # a complete line, so damaged rather than still being written
+                damaged.append(number)
+    if damaged and not quiet:
+        shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+        warn(f"{path}: skipped {len(damaged)} damaged record(s) (line {shown})")
+    return records

@@ -131,7 +131,7 @@ def load_curves(run_dir: Path, name: str | None = None) -> RunCurves:
     if not (run_dir / METRICS).is_file():
         raise UserError(f"{run_dir} holds no {METRICS}; give the output directory of a training run "
                         f"(the -o of 'fundamentallm train')")
-    curves = RunCurves(name or run_dir.name)
+    curves = RunCurves(printable(name or run_dir.name))
     for record in read_metrics(run_dir):
         kind = record.get("kind")
         if kind == "run":
@@ -149,6 +149,12 @@ def load_curves(run_dir: Path, name: str | None = None) -> RunCurves:
     if not curves.train_steps and not curves.eval_steps:
         raise UserError(f"{run_dir / METRICS} holds no training records yet; nothing to plot")
     return curves
+
+
+def printable(name: str) -> str:
+    """A file name as text that can be drawn: bytes that are not UTF-8 (kept by Python as surrogates) become
+    U+FFFD, which fonts can render."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _run_names(run_dirs: Sequence[Path]) -> list[str]:

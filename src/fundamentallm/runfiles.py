@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fundamentallm.errors import UserError
-from fundamentallm.files import remove_stale_temporaries
+from fundamentallm.files import remove_stale_temporaries, why_unwritable
 
 CONFIG = "config.yaml"  # the resolved configuration
 METRICS = "metrics.jsonl"  # one JSON record per log interval and evaluation
@@ -81,8 +81,9 @@ def check_output_dir(output_dir: Path, resume_path: Path | None, overwrite: bool
     parent = output_dir
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write to {parent}: permission denied; choose another -o/--output-dir")
+    reason = why_unwritable(parent)
+    if reason is not None:
+        raise UserError(f"cannot write to {parent}: {reason}; choose another -o/--output-dir")
     return existing
 
 

@@ -138,7 +138,7 @@ def _check_same_config(run: SweepRun) -> None:
 def _last_end(run_dir: Path) -> dict[str, Any] | None:
     if not (run_dir / METRICS).exists():
         return None
-    records = read_metrics(run_dir)
+    records = read_metrics(run_dir, quiet=True)  # summarize() reads it too, and reports damage
     return records[-1] if records and records[-1].get("kind") == "end" else None
 
 

@@ -136,7 +136,7 @@ def _guarded_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog 
             interrupted_by = train_loop(run, total_steps, output_dir, log, stop, config_origin)
     except Exception as exc:
         if stop.aborted and isinstance(exc, RuntimeError):  # a second Ctrl-C inside torch.save
-            raise KeyboardInterrupt from None
+            raise Aborted(stop.aborted) from None
         if is_out_of_memory(exc):
             raise TrainingFailed(oom_message(run.cfg, run.device)) from None
         raise
@@ -427,18 +427,26 @@ class LogWindow:
         self.records += 1
 
 
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop at once. `signum` gives the exit code (128 + N: 130 or 143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+
 class StopRequest:
     """First SIGINT/SIGTERM: finish the current step, save interrupted.pt, exit. Second: exit at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.aborted = False  # a second signal came
+        self.aborted: int | None = None  # the second signal, if one came
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:
-            self.aborted = True
-            raise KeyboardInterrupt
+            self.aborted = signum
+            raise Aborted(signum)
         self.signum = signum
         if is_quiet():  # under torchrun every process gets the signal; rank 0 speaks for all
             return
