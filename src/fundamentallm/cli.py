@@ -381,17 +381,26 @@ def status(run_dir: Path, as_json: bool) -> None:
               help="Also time KV-cached generation of 1,000 characters per preset.")
 @click.option("--recipe", metavar="NAME|PATH", help="Also measure time to --target validation loss with this config.")
 @click.option("--target", type=float, default=1.47, show_default=True, help="Validation loss for --recipe.")
+@click.option("--generation-tokens", type=click.IntRange(min=8), default=1000, show_default=True,
+              help="Characters to generate per preset when timing generation.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True)
 @_set_option("Passed to every training run.")
+@click.option("--peer", type=click.Path(path_type=Path, exists=True, file_okay=False), metavar="NANOGPT_DIR",
+              help="Also run nanoGPT (from a copy of this directory) on every throughput row and, with --recipe, "
+                   "its own character recipe to --target, in the same call.")
+@click.option("--peer-set", "peer_sets", multiple=True, metavar="KEY=VALUE",
+              help="Passed to nanoGPT's train.py as --KEY=VALUE in its time-to-target run (repeatable).")
 def bench(data: Path, device: str, rows: str | None, steps: int | None, generation: bool, recipe: str | None,
-          target: float, output: Path, assignments: tuple[str, ...]) -> None:
+          target: float, generation_tokens: int, output: Path, assignments: tuple[str, ...], peer: Path | None,
+          peer_sets: tuple[str, ...]) -> None:
     """Measure training throughput, generation speed and (optionally) time to quality on DATA."""
     from fundamentallm.bench import run_bench
     from fundamentallm.data import find_text_files
 
     find_text_files([data])  # a clear error now rather than from the first child process
     extra = [arg for a in assignments for arg in ("--set", a)]
-    run_bench(data, device, rows.split(",") if rows else None, steps, generation, recipe, target, output, extra)
+    run_bench(data, device, rows.split(",") if rows else None, steps, generation, recipe, target, output, extra,
+              peer=peer, peer_sets=list(peer_sets), generation_tokens=generation_tokens)
 
 
 def main() -> None:
