@@ -63,6 +63,7 @@ def main() -> None:
     common = ["--config", args.config, "--device", args.device, "--epochs", "1000",
               "--set", f"training.max_steps={args.steps}",
               "--set", f"training.eval_interval={max(1, args.steps // args.evals)}",
+              "--set", f"training.warmup_steps={args.steps // 10}",  # the presets' warm-ups assume longer runs
               "--set", "training.eval_batches=20", "--set", "training.save_best=false"]
     grid = sweep(args.corpus, args.output / "grid", common,
                  ["--grid", f"training.learning_rate={args.learning_rates}",
