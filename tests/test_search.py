@@ -113,7 +113,7 @@ def subprocess_env() -> dict[str, str]:
 
 def test_an_interrupted_search_resumes_its_trial_and_keeps_the_study(tmp_path: Path) -> None:
     out = tmp_path / "search"
-    args = ["sweep", ALICE, *BASE, "--set", "training.max_steps=150", "--set", "training.batch_size=8",
+    args = ["sweep", ALICE, *BASE, "--set", "training.max_steps=80", "--set", "training.batch_size=8",
             "--search", "tpe", "--trials", "3", "--space", "training.learning_rate=log:1e-3:1e-2", "-o", out]
     second = out / "trial-001"
     proc = subprocess.Popen([sys.executable, "-m", "fundamentallm", *map(str, args)], stdout=subprocess.PIPE,
@@ -146,7 +146,7 @@ def test_an_interrupted_search_resumes_its_trial_and_keeps_the_study(tmp_path: P
     records = read_metrics(second)
     assert records[0]["config"]["training"]["learning_rate"] == lr  # the same trial, with its values
     steps = [r["step"] for r in records if r["kind"] == "train"]
-    assert steps == list(range(1, 151)) and interrupted_at < 150  # continued: no step twice, none missing
+    assert steps == list(range(1, 81)) and interrupted_at < 80  # continued: no step twice, none missing
     rows = rows_of(out)
     assert sorted(r["trial"] for r in rows) == ["0", "1", "2"] and {r["status"] for r in rows} == {"finished"}
 

@@ -28,6 +28,7 @@ when it was killed before its first one), and new trials are drawn until there a
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,14 @@ from fundamentallm.data import prepare_tokens
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.metrics import read_metrics
 from fundamentallm.plot import plot_finished_run
-from fundamentallm.runfiles import hold
+from fundamentallm.runfiles import FINAL, hold
 from fundamentallm.sweep import (
     RESULTS_CSV,
     STUDY_DB,
     SweepResult,
     SweepRun,
     first_sentence,
+    last_end,
     show_results,
     sorted_rows,
     summarize,
@@ -174,7 +176,7 @@ def _import_optuna() -> Any:
 
 
 @dataclass
-class Study:
+class SearchStudy:
     """The Optuna study of a search and the storage it lives in (study.db)."""
 
     study: optuna.Study
@@ -194,7 +196,7 @@ class Study:
 
 
 def open_study(output_dir: Path, method: str, prune: bool, trials: int, signature: dict[str, Any],
-               seed: int) -> Study:
+               seed: int) -> SearchStudy:
     """The study in output_dir/study.db, created or loaded; refuses one written by another command."""
     optuna = _import_optuna()
     db = output_dir / STUDY_DB
@@ -224,7 +226,7 @@ def open_study(output_dir: Path, method: str, prune: bool, trials: int, signatur
     # The first trials (a quarter, 2 to 5) always run to the end, to set the median the later ones must beat.
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(2, min(5, trials // 4))) if prune
               else optuna.pruners.NopPruner())
-    return Study(optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner),
+    return SearchStudy(optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner),
                  storage)
 
 
@@ -251,8 +253,9 @@ def run_search(config_name: str | None, overrides: list[tuple[str, Any, str]], s
     _import_optuna()  # a missing Optuna is said before the data is read
     # DATA that cannot be read would fail every trial the same way: say so once, before the study is created.
     prepare_tokens(data_paths, base.training.validation_split, base.data.min_char_frequency)
-    signature = {"search": method, "prune": prune, "space": {a.key: a.spec for a in axes},
-                 "config": base.to_dict()}
+    # As the study stores it (JSON), so that a resumed command compares equal.
+    signature = json.loads(json.dumps({"search": method, "prune": prune, "space": {a.key: a.spec for a in axes},
+                                       "config": base.to_dict()}))
     search = open_study(output_dir, method, prune, trials, signature, base.training.seed)
     info(f"Search: {method}{' with pruning' if prune else ''}, {trials} trials over "
          f"{', '.join(f'{a.short} ({a.spec})' for a in axes)} into {output_dir}/ "
@@ -287,13 +290,21 @@ def _run_trial(trial: optuna.Trial, axes: list[SpaceAxis], config_name: str | No
     directory = output_dir / trial_name(trial.number)
     label = f"[trial {trial.number + 1}/{trials}] {directory.name}: " + ", ".join(
         f"{a.short}={_shown(a, trial.params[a.key])}" for a in axes)
+    end = last_end(directory) if resumed and directory.exists() else None
+    if end is not None and end.get("status") in ("finished", "pruned") and (directory / FINAL).exists():
+        # It ended, but the command was stopped before the study heard of it.
+        info(f"{label}: {end['status']} earlier")
+        _tell(trial, directory, pruned=end["status"] == "pruned")
+        return None
     resume_from = find_resumable(directory) if resumed and directory.exists() else None
     overwrite = resume_from is None and directory.exists() and any(directory.iterdir())
     info(label + (f" (resuming from {resume_from.path.name})" if resume_from else
                   " (stopped before its first checkpoint; starting it over)" if overwrite else ""))
+    reported = set(_frozen(trial).intermediate_values)  # a resumed trial's evaluations before its checkpoint
 
     def on_eval(step: int, val_loss: float) -> bool:
-        trial.report(val_loss, step)
+        if step not in reported:
+            trial.report(val_loss, step)
         return prune and trial.should_prune()
 
     try:
@@ -308,16 +319,27 @@ def _run_trial(trial: optuna.Trial, axes: list[SpaceAxis], config_name: str | No
         return None
     if result.interrupted_by is not None:
         return result.interrupted_by
+    _tell(trial, directory, result.pruned)
+    plot_finished_run(directory)
+    return None
+
+
+def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def _tell(trial: optuna.Trial, directory: Path, pruned: bool) -> None:
+    """Tell the study how a trained trial ended: pruned, or finished with its best validation loss."""
+    import optuna
+
     best = trial_best(directory)
-    if result.pruned:
+    if pruned:
         trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     elif math.isfinite(best):
         trial.study.tell(trial, best)
     else:
         trial.set_user_attr("error", "no finite validation loss")
         trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    plot_finished_run(directory)
-    return None
 
 
 def trial_name(number: int) -> str:

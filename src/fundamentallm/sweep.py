@@ -138,7 +138,7 @@ def _check_same_config(run: SweepRun) -> None:
                         f"this is not the sweep that wrote it. Use another -o, or remove that directory")
 
 
-def _last_end(run_dir: Path) -> dict[str, Any] | None:
+def last_end(run_dir: Path) -> dict[str, Any] | None:
     if not (run_dir / METRICS).exists():
         return None
     records = read_metrics(run_dir)
@@ -283,7 +283,7 @@ def show_results(rows: list[dict[str, Any]], planned: int, output_dir: Path, csv
 def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str | None, device: str,
              tensorboard: bool) -> int | None:
     """Skip, resume or start one combination; returns the signal that interrupted it, if one did."""
-    end = _last_end(run.directory)
+    end = last_end(run.directory)
     if end is not None and end.get("status") == "finished" and (run.directory / FINAL).exists():
         run.status = "finished earlier"
         info(f"{label}: finished earlier, skipping")
