@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fundamentallm.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -38,9 +40,11 @@ def sweep(corpus: Path, out: Path, common: list[str], extra: list[str]) -> dict[
     seconds = time.perf_counter() - start
     rows = list(csv.DictReader((out / "results.csv").open()))
     best = rows[0]
+    # Tokens trained measure the work done whatever else the machine was doing (wall time does not, when busy).
+    tokens = sum(int(r["steps"]) * read_metrics(Path(r["run_dir"]))[0]["tokens_per_step"] for r in rows)
     return {"command": cmd[1:], "wall_seconds": seconds, "runs": len(rows),
             "pruned": sum(r["status"] == "pruned" for r in rows),
-            "steps_trained": sum(int(r["steps"]) for r in rows),
+            "steps_trained": sum(int(r["steps"]) for r in rows), "tokens_trained": tokens,
             "best": {k: best[k] for k in ("learning_rate", "batch_size", "best_val_loss", "steps", "run_dir")}}
 
 
@@ -76,17 +80,18 @@ def main() -> None:
               "corpus": str(args.corpus), "config": args.config, "steps_per_run": args.steps, "time": time.time(),
               "grid": grid, "tpe_pruned": search,
               "time_ratio": search["wall_seconds"] / grid["wall_seconds"],
+              "tokens_ratio": search["tokens_trained"] / grid["tokens_trained"],
               "val_loss_difference": float(search["best"]["best_val_loss"]) - float(grid["best"]["best_val_loss"])}
     (args.output / "search_vs_grid.json").write_text(json.dumps(result, indent=2))
-    print("\n| side | runs (pruned) | steps trained | wall time | best val loss | at lr, batch |")
+    print("\n| side | runs (pruned) | tokens trained | wall time | best val loss | at lr, batch |")
     print("|---|---:|---:|---:|---:|---|")
     for name, side in (("3 x 3 grid", grid), (f"TPE, {args.trials} trials, pruning", search)):
         best = side["best"]
-        print(f"| {name} | {side['runs']} ({side['pruned']}) | {side['steps_trained']:,} | "
+        print(f"| {name} | {side['runs']} ({side['pruned']}) | {side['tokens_trained']:,} | "
               f"{side['wall_seconds']:.0f} s | {float(best['best_val_loss']):.4f} | "
               f"{best['learning_rate']}, {best['batch_size']} |")
-    print(f"\nsearch time / grid time = {result['time_ratio']:.2f}; best val loss, search - grid = "
-          f"{result['val_loss_difference']:+.4f}. JSON: {args.output / 'search_vs_grid.json'}")
+    print(f"\nsearch / grid: time {result['time_ratio']:.2f}, tokens {result['tokens_ratio']:.2f}; best val loss, "
+          f"search - grid = {result['val_loss_difference']:+.4f}. JSON: {args.output / 'search_vs_grid.json'}")
 
 
 if __name__ == "__main__":
