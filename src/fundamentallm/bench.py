@@ -10,6 +10,9 @@ micro-benchmark's. Rows:
   late in the text (flat when the cache works);
 - time to quality (optional): wall time from launching a recipe to its first evaluation at or below a target
   validation loss, compilation included, and the best validation loss it reaches.
+
+With `--peer PATH`, nanoGPT (peer.py) trains the same shape after each throughput row, and its own character
+recipe is timed to the same target, so every ratio compares two runs of the same call on the same device.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,20 +33,30 @@ import torch
 
 from fundamentallm.config import preset_names, resolve_config
 from fundamentallm.console import info
+from fundamentallm.data import decode_chunk, find_text_files, iter_byte_chunks
 from fundamentallm.device import select_device
 from fundamentallm.errors import UserError
 from fundamentallm.files import atomic_write_bytes, why_unwritable
 from fundamentallm.generate import generate_tokens
 from fundamentallm.metrics import read_metrics
 from fundamentallm.model import GPT
+from fundamentallm.peer import Peer
 
-# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by GPU name, for model FLOPs utilisation. The
-# longest name found in the device's name wins, so "H100 PCIe" is not taken for an SXM H100, nor "L40" for "L4".
-PEAK_TFLOPS = {"H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0,
-               "L40S": 362.0, "L40": 181.0, "L4": 121.0}
+# Dense tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's datasheets, for model FLOPs utilisation: bf16
+# with fp32 accumulation (what autocast runs; GeForce cards run it at half their fp16-accumulate rate), fp16 on
+# cards without bf16 (V100, T4), where training runs in fp16. Found by name as a whole word in the device's name
+# (upper case, "-" and "_" read as spaces, so "L4" is not found in "L40S"); the longest match wins, so an
+# "H100 PCIe" is not taken for an SXM H100.
+PEAK_TFLOPS = {
+    "B200": 2250.0, "H200": 989.0, "H200 NVL": 835.0, "GH200": 989.0, "H100": 989.0, "H100 PCIE": 756.0,
+    "H100 NVL": 835.0, "H800": 989.0, "H800 PCIE": 756.0, "A100": 312.0, "A800": 312.0, "A40": 149.7,
+    "A30": 165.0, "A10": 125.0, "L40S": 362.05, "L40": 181.05, "L4": 121.0, "RTX 6000 ADA": 364.2,
+    "RTX A6000": 154.8, "RTX 4090": 165.2, "RTX 3090": 71.0, "V100": 125.0, "V100 PCIE": 112.0, "T4": 65.0,
+}
 DEFAULT_ROWS = {"cuda": ["small:32", "medium:32", "medium:64", "large:32"], "cpu": ["small:32", "medium:8"]}
 GENERATION_PRESETS = ["small", "medium", "large"]
 SEQUENCE_LENGTH = 256
+PEER_TIMEOUT_SECONDS = 600  # the peer's time-to-target run stops here if it has not reached the target
 
 
 @dataclass
@@ -56,6 +70,10 @@ class ThroughputRow:
     achieved_tflops: float
     mfu: float | None
     steps_timed: int
+    peer_tokens_per_sec: float | None = None  # nanoGPT on the same shape, in the same call (--peer)
+    peer_ms_per_step: float | None = None
+    peer_mfu: float | None = None
+    speedup: float | None = None  # tokens_per_sec / peer_tokens_per_sec
 
 
 @dataclass
@@ -78,10 +96,13 @@ class QualityRow:
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    matches = [key for key in PEAK_TFLOPS if key in name]
+    return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_tflops(gpu_name: str) -> float | None:
+    """The card's peak from PEAK_TFLOPS, by its name as CUDA reports it (None: a card not in the table)."""
+    name = re.sub(r"[-_\s]+", " ", gpu_name.upper())
+    matches = [key for key in PEAK_TFLOPS if re.search(rf"(?<![A-Z0-9]){re.escape(key)}(?![A-Z0-9])", name)]
     return PEAK_TFLOPS[max(matches, key=len)] if matches else None
 
 
@@ -113,7 +134,7 @@ def _train_child(data: Path, out: Path, device: str, args: list[str]) -> tuple[i
 
 
 def measure_throughput(data: Path, preset: str, batch_size: int, device: torch.device, steps: int, warmup: int,
-                       workdir: Path, extra: list[str]) -> ThroughputRow:
+                       workdir: Path, extra: list[str], peer: Peer | None = None) -> ThroughputRow:
     out = workdir / f"throughput-{preset}-{batch_size}"
     log_every = max(1, min(10, steps // 4))
     args = ["--config", preset, "--batch-size", str(batch_size), "--sequence-length", str(SEQUENCE_LENGTH),
@@ -133,11 +154,20 @@ def measure_throughput(data: Path, preset: str, batch_size: int, device: torch.d
     peak_mb = last.get("peak_memory_mb") or usage.ru_maxrss / 1024  # CUDA allocator peak, else peak RSS
     achieved = run["flops_per_token"] * tokens_per_sec / 1e12
     peak = device_peak_tflops(device)
-    return ThroughputRow(preset, batch_size, run["parameters"], tokens_per_sec, 1000 * seconds / timed_steps,
-                         peak_mb, achieved, achieved / peak if peak else None, timed_steps)
+    row = ThroughputRow(preset, batch_size, run["parameters"], tokens_per_sec, 1000 * seconds / timed_steps,
+                        peak_mb, achieved, achieved / peak if peak else None, timed_steps)
+    if peer is not None:  # the shape this run trained, as its run record holds it
+        info(f"  nanoGPT throughput: {preset}, batch {batch_size} ...")
+        theirs = peer.throughput(run["config"], str(device), steps, warmup)
+        row.peer_tokens_per_sec, row.peer_ms_per_step = theirs.tokens_per_sec, theirs.ms_per_step
+        row.peer_mfu = run["flops_per_token"] * theirs.tokens_per_sec / 1e12 / peak if peak else None
+        row.speedup = tokens_per_sec / theirs.tokens_per_sec
+    return row
 
 
 def measure_generation(preset: str, device: torch.device, tokens: int = 1000) -> GenerationRow:
+    if tokens < 8:
+        raise UserError(f"--generation-tokens {tokens}: time at least 8 tokens (a quarter of them early and late)")
     torch.manual_seed(0)
     model = GPT.from_config(resolve_config(preset), vocab_size=65).to(device).eval()
     generator = torch.Generator(device).manual_seed(0)
@@ -164,12 +194,19 @@ def measure_quality(data: Path, recipe: str, target: float, device: torch.device
 
 def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = None, steps: int | None = None,
               generation: bool = True, recipe: str | None = None, target: float = 1.47,
-              output: Path = Path("bench.json"), extra: list[str] | None = None) -> dict[str, Any]:
+              output: Path = Path("bench.json"), extra: list[str] | None = None, peer: Path | None = None,
+              peer_sets: list[str] | None = None, generation_tokens: int = 1000) -> dict[str, Any]:
+    """Every row on `device`; with `peer` (a nanoGPT directory) nanoGPT's rows too, in the same call.
+    `peer_sets` (KEY=VALUE) go to nanoGPT's train.py as --KEY=VALUE in its time-to-target run."""
     device = select_device(device_name)
     kind = "cuda" if device.type == "cuda" else "cpu"
     parsed_rows = parse_rows(rows or DEFAULT_ROWS[kind])
     if recipe:
         resolve_config(recipe)  # an unknown or invalid recipe is refused now, not after the throughput rows
+    for assignment in peer_sets or []:
+        if not re.fullmatch(r"\w+=\S+", assignment):
+            raise UserError(f"--peer-set {assignment!r}: expected KEY=VALUE, e.g. --peer-set max_iters=2000")
+    peer_args = [f"--{assignment}" for assignment in peer_sets or []]
     try:  # find out now, not after minutes of measuring, that the results cannot be written
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -185,22 +222,35 @@ def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = No
     results: dict[str, Any] = {"device": description, "torch": torch.__version__, "time": time.time(),
                                "throughput": [], "generation": [], "quality": []}
     with tempfile.TemporaryDirectory(prefix="fundamentallm-bench-") as tmp:
+        nanogpt = Peer(peer, corpus_text(data), Path(tmp)) if peer else None
+        if nanogpt:
+            results["peer"] = str(peer)
         for preset, batch in parsed_rows:
             info(f"  training throughput: {preset}, batch {batch} ...")
             results["throughput"].append(asdict(measure_throughput(
-                data, preset, batch, device, steps, warmup, Path(tmp), extra)))
+                data, preset, batch, device, steps, warmup, Path(tmp), extra, nanogpt)))
         if generation:
             for preset in GENERATION_PRESETS:
                 info(f"  generation: {preset} ...")
-                results["generation"].append(asdict(measure_generation(preset, device)))
+                results["generation"].append(asdict(measure_generation(preset, device, generation_tokens)))
         if recipe:
             info(f"  time to validation loss {target} with {recipe} ...")
             results["quality"].append(asdict(measure_quality(data, recipe, target, device, Path(tmp),
                                                              extra)))
+        if recipe and nanogpt:
+            info(f"  time to validation loss {target} with nanoGPT's own recipe ...")
+            results["quality"].append(asdict(nanogpt.time_to_target(target, str(device), peer_args,
+                                                                    PEER_TIMEOUT_SECONDS)))
     atomic_write_bytes(output, json.dumps(results, indent=2).encode("utf-8"))
     info(format_tables(results))
     info(f"Numbers written to {output}")
     return results
+
+
+def corpus_text(data: Path) -> str:
+    """DATA (a file or a directory of text files) as one text, for the peer's own dataset files."""
+    return "".join(decode_chunk(path, offset, chunk) for path in find_text_files([data])
+                   for offset, chunk in iter_byte_chunks(path))
 
 
 def _describe(device: torch.device) -> str:
@@ -211,13 +261,19 @@ def _describe(device: torch.device) -> str:
 
 
 def format_tables(results: dict[str, Any]) -> str:
+    def pct(value: float | None) -> str:
+        return f"{100 * value:.1f}%" if value is not None else "n/a"
+
+    peer = any(r.get("peer_tokens_per_sec") for r in results["throughput"])
     lines = [f"\nDevice: {results['device']}", "",
-             "| preset | batch | params | tokens/s | ms/step | peak mem (MB) | TFLOP/s | MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| preset | batch | params | tokens/s | ms/step | peak mem (MB) | TFLOP/s | MFU |"
+             + (" nanoGPT tokens/s | nanoGPT MFU | speed-up |" if peer else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if peer else "")]
     for r in results["throughput"]:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         lines.append(f"| {r['preset']} | {r['batch_size']} | {r['parameters']:,} | {r['tokens_per_sec']:,.0f} | "
-                     f"{r['ms_per_step']:.1f} | {r['peak_memory_mb']:,.0f} | {r['achieved_tflops']:.3f} | {mfu} |")
+                     f"{r['ms_per_step']:.1f} | {r['peak_memory_mb']:,.0f} | {r['achieved_tflops']:.3f} | "
+                     f"{pct(r['mfu'])} |" + (f" {r['peer_tokens_per_sec']:,.0f} | {pct(r['peer_mfu'])} | "
+                                            f"{r['speedup']:.2f}x |" if peer else ""))
     if results["generation"]:
         lines += ["", "| preset | new tokens | tokens/s | ms/token (first 250) | ms/token (last 250) |",
                   "|---|---:|---:|---:|---:|"]
@@ -229,6 +285,7 @@ def format_tables(results: dict[str, Any]) -> str:
                   "|---|---:|---:|---:|---:|---:|"]
         for r in results["quality"]:
             hit = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "not reached"
-            lines.append(f"| {r['recipe']} | {r['target']} | {hit} | {r['step_at_target'] or '-'} | "
+            step = "-" if r["step_at_target"] is None else r["step_at_target"]
+            lines.append(f"| {r['recipe']} | {r['target']} | {hit} | {step} | "
                          f"{r['best_val_loss']:.4f} | {r['wall_seconds']:.1f} |")
     return "\n".join(lines)

@@ -367,18 +367,41 @@ def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | No
 @_set_option("Set any config key for every run (repeatable).")
 @_device_option()
 @_threads_option()
+@click.option("--search", type=click.Choice(["random", "tpe"]),
+              help="Instead of a grid, let Optuna draw --trials configurations from the --space ranges.")
+@click.option("--space", "spaces", multiple=True, metavar="KEY=RANGE|V1,V2,...",
+              help="With --search: a key and where to look, log:1e-4:1e-2, float:0:0.2, int:1:4 or a list "
+                   "16,32,64 (repeatable).")
+@click.option("--trials", type=click.IntRange(min=1), help="With --search: how many configurations to train.")
+@click.option("--prune", is_flag=True,
+              help="With --search: stop a trial whose validation loss is behind the median of earlier trials.")
 @_output_dir_option("sweep", "One directory per run goes in here, and results.csv.")
 @_tensorboard_option("Also write TensorBoard event files for every run.")
 def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None, epochs: int | None,
-          assignments: tuple[str, ...], device: str, output_dir: Path, tensorboard: bool) -> None:
+          assignments: tuple[str, ...], device: str, search: str | None, spaces: tuple[str, ...],
+          trials: int | None, prune: bool, output_dir: Path, tensorboard: bool) -> None:
     """Grid search: train every combination of --grid values on DATA and rank them by validation loss.
+    With --search random|tpe: train --trials configurations drawn from --space ranges and lists instead.
 
     Run the same command again after an interruption: finished runs are skipped, an interrupted one resumes.
     """
-    from fundamentallm.sweep import run_sweep
+    overrides = _overrides(assignments, epochs=epochs)
+    if search is None:
+        if spaces or trials is not None or prune:
+            raise UserError("--space, --trials and --prune belong to a search: add --search random or tpe")
+        from fundamentallm.sweep import run_sweep
 
-    result = run_sweep(config_name, _overrides(assignments, epochs=epochs), list(grids), list(data), output_dir,
-                       device=device, tensorboard=tensorboard)
+        result = run_sweep(config_name, overrides, list(grids), list(data), output_dir, device=device,
+                           tensorboard=tensorboard)
+    else:
+        if grids:
+            raise UserError("--grid and --search are two kinds of sweep; give lists as --space KEY=V1,V2,...")
+        if trials is None:
+            raise UserError("--search needs --trials N: how many configurations to train")
+        from fundamentallm.search import run_search
+
+        result = run_search(config_name, overrides, list(spaces), list(data), output_dir, method=search,
+                            trials=trials, prune=prune, device=device, tensorboard=tensorboard)
     if result.interrupted_by is not None:
         sys.exit(128 + result.interrupted_by)  # as train: the shell convention for "ended by signal N"
     if all(run.status == "failed" for run in result.runs):
@@ -420,18 +443,27 @@ def status(run_dir: Path, as_json: bool) -> None:
               help="Also time KV-cached generation of 1,000 characters per preset.")
 @click.option("--recipe", metavar="NAME|PATH", help="Also measure time to --target validation loss with this config.")
 @click.option("--target", type=float, default=1.47, show_default=True, help="Validation loss for --recipe.")
+@click.option("--generation-tokens", type=click.IntRange(min=8), default=1000, show_default=True,
+              help="Characters to generate per preset when timing generation.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True,
               help="JSON file for the measurements.")
 @_set_option("Passed to every training run.")
+@click.option("--peer", type=click.Path(path_type=Path, exists=True, file_okay=False), metavar="NANOGPT_DIR",
+              help="Also run nanoGPT (from a copy of this directory) on every throughput row and, with --recipe, "
+                   "its own character recipe to --target, in the same call.")
+@click.option("--peer-set", "peer_sets", multiple=True, metavar="KEY=VALUE",
+              help="Passed to nanoGPT's train.py as --KEY=VALUE in its time-to-target run (repeatable).")
 def bench(data: Path, device: str, rows: str | None, steps: int | None, generation: bool, recipe: str | None,
-          target: float, output: Path, assignments: tuple[str, ...]) -> None:
+          target: float, generation_tokens: int, output: Path, assignments: tuple[str, ...], peer: Path | None,
+          peer_sets: tuple[str, ...]) -> None:
     """Measure training throughput, generation speed and (optionally) time to quality on DATA."""
     from fundamentallm.bench import run_bench
     from fundamentallm.data import find_text_files
 
     find_text_files([data])  # a clear error now rather than from the first child process
     extra = [arg for a in assignments for arg in ("--set", a)]
-    run_bench(data, device, rows.split(",") if rows else None, steps, generation, recipe, target, output, extra)
+    run_bench(data, device, rows.split(",") if rows else None, steps, generation, recipe, target, output, extra,
+              peer=peer, peer_sets=list(peer_sets), generation_tokens=generation_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 metrics.jsonl holds one JSON object per line, written and flushed as training goes, so `tail -f` works and a
 crashed run keeps everything up to its last line. Records have "kind": "train" (every log_interval optimizer
 steps) or "eval" (after each evaluation), and "kind": "run" for the first line, which describes the run. When
-the loop ends, for whatever reason, a "kind": "end" record says how (status finished, interrupted or failed), so
-`fundamentallm status` can tell a finished run from one that is still going or was killed. Every record carries
-"time" (Unix time), so tools can measure from a process's launch.
+the loop ends, for whatever reason, a "kind": "end" record says how (status finished, pruned, interrupted or
+failed), so `fundamentallm status` can tell a finished run from one that is still going or was killed. Every
+record carries "time" (Unix time), so tools can measure from a process's launch.
 """
 
 from __future__ import annotations
@@ -81,9 +81,12 @@ class MetricsLog:
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
             self._tb.flush()
 
-    def end(self, step: int, elapsed: float, interrupted: bool = False, error: BaseException | None = None) -> None:
+    def end(self, step: int, elapsed: float, interrupted: bool = False, error: BaseException | None = None,
+            pruned: bool = False) -> None:
         """The last record of a run (or of one session of a resumed run)."""
         record: dict[str, Any] = {"kind": "end", "step": step, "elapsed": elapsed, "status": "finished"}
+        if pruned and error is None:  # stopped by a search (sweep --prune) as hopeless, cleanly
+            record["status"] = "pruned"
         if interrupted:
             record["status"] = "interrupted"
         elif isinstance(error, KeyboardInterrupt):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class Run:
     val_tokens: torch.Tensor | np.ndarray
     progress: ckpt.TrainingProgress
     started_at: float = 0.0  # perf_counter() when the run (first session included) would have started
+    on_eval: Callable[[int, float], bool] | None = None  # told (step, val_loss) after each evaluation; True: stop
+    pruned: bool = False  # on_eval stopped the run
 
     @property
     def cfg(self) -> TrainingConfig:

@@ -39,6 +39,7 @@ from fundamentallm.train import train
 
 RESULTS_CSV = "results.csv"
 SWEEP_PLOT = "sweep.png"
+STUDY_DB = "study.db"  # a search's Optuna study (search.py)
 
 
 @dataclass
@@ -99,6 +100,8 @@ def plan(config_name: str | None, overrides: list[tuple[str, Any, str]], axes: l
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"-o {output_dir} is a file, not a directory")
+    if (output_dir / STUDY_DB).exists():
+        raise UserError(f"{output_dir} holds a --search study ({STUDY_DB}); give the grid another -o")
     grid_keys = {a.key for a in axes}
     clash = [source for key, value, source in overrides if key in grid_keys and value is not None]
     if clash:
@@ -135,7 +138,7 @@ def _check_same_config(run: SweepRun) -> None:
                         f"this is not the sweep that wrote it. Use another -o, or remove that directory")
 
 
-def _last_end(run_dir: Path) -> dict[str, Any] | None:
+def last_end(run_dir: Path) -> dict[str, Any] | None:
     if not (run_dir / METRICS).exists():
         return None
     records = read_metrics(run_dir, quiet=True)  # summarize() reads it too, and reports damage
@@ -171,11 +174,11 @@ def summarize(run: SweepRun) -> dict[str, Any]:
     return row
 
 
-def _first_sentence(text: str) -> str:
+def first_sentence(text: str) -> str:
     return text.split(". ")[0].rstrip(".")
 
 
-def _sorted_rows(runs: list[SweepRun]) -> list[dict[str, Any]]:
+def sorted_rows(runs: list[SweepRun]) -> list[dict[str, Any]]:
     rows = [r.row for r in runs if r.row]
     rows.sort(key=lambda row: (math.isnan(row["best_val_loss"]), row["best_val_loss"]))
     for rank, row in enumerate(rows, start=1):
@@ -252,36 +255,41 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
             interrupted_by = _run_one(run, f"[{index}/{len(runs)}] {run.name}", data_paths, config_name, device,
                                       tensorboard)
             run.row = summarize(run)
-            write_results(_sorted_rows(runs), csv_path)
+            write_results(sorted_rows(runs), csv_path)
             info()
             if interrupted_by is not None:
                 break
 
-    rows = _sorted_rows(runs)
+    rows = sorted_rows(runs)
     if interrupted_by is not None:
         info(f"Sweep interrupted during run {index}/{len(runs)}; run the same command again to continue (finished "
              f"runs are skipped, the interrupted one resumes)")
-    info(f"Sweep results ({len(rows)} of {len(runs)} runs, sorted by best validation loss), saved to {csv_path}:")
+    show_results(rows, len(runs), output_dir, csv_path, plot=interrupted_by is None)
+    return SweepResult(runs, rows, csv_path, interrupted_by)
+
+
+def show_results(rows: list[dict[str, Any]], planned: int, output_dir: Path, csv_path: Path, plot: bool) -> None:
+    """Print the table and draw sweep.png from the runs that trained at all."""
+    info(f"Sweep results ({len(rows)} of {planned} runs, sorted by best validation loss), saved to {csv_path}:")
     info(format_table(rows))
-    finished = [Path(r.row["run_dir"]) for r in runs if r.row and r.row["steps"] > 0]
-    if finished and interrupted_by is None and matplotlib_available():
+    trained = [Path(row["run_dir"]) for row in rows if row["steps"] > 0]
+    if trained and plot and matplotlib_available():
         try:
-            info(f"Plot: {plot_runs(finished, output_dir / SWEEP_PLOT)}")
+            info(f"Plot: {plot_runs(trained, output_dir / SWEEP_PLOT)}")
         except Exception as exc:  # a picture is never worth failing a finished sweep
             warn(f"could not draw {output_dir / SWEEP_PLOT}: {exc}")
-    return SweepResult(runs, rows, csv_path, interrupted_by)
 
 
 def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str | None, device: str,
              tensorboard: bool) -> int | None:
     """Skip, resume or start one combination; returns the signal that interrupted it, if one did."""
-    end = _last_end(run.directory)
+    end = last_end(run.directory)
     if end is not None and end.get("status") == "finished" and (run.directory / FINAL).exists():
         run.status = "finished earlier"
         info(f"{label}: finished earlier, skipping")
         return None
     if end is not None and end.get("status") == "failed":
-        run.status, run.error = "failed", _first_sentence(end.get("error", ""))
+        run.status, run.error = "failed", first_sentence(end.get("error", ""))
         info(f"{label}: failed earlier ({run.error}); skipping it (remove {run.directory} to retry)")
         return None
     resume_from = find_resumable(run.directory) if run.directory.exists() else None
@@ -298,7 +306,7 @@ def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str 
     except (TrainingFailed, UserError) as exc:
         # A learning rate too high for this batch, or a sequence length the data is too short for: a result for
         # this combination, not a reason to drop the others.
-        run.status, run.error = "failed", _first_sentence(str(exc))
+        run.status, run.error = "failed", first_sentence(str(exc))
         warn(f"{label} failed: {exc}")
         return None
     if result.interrupted_by is not None:

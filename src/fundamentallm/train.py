@@ -14,7 +14,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,12 +57,16 @@ from fundamentallm.runfiles import (
 class TrainResult:
     interrupted_by: int | None  # the signal that stopped the run, if one did
     wrote_files: bool  # this process wrote the run's files (under torchrun, rank 0 only)
+    pruned: bool = False  # on_eval stopped the run
 
 
 def train(config: Config, data_paths: list[str], output_dir: Path, *, device: str = "auto",
           resume_from: ckpt.Checkpoint | None = None, overwrite: bool = False, tensorboard: bool = False,
-          config_origin: str = "") -> TrainResult:
-    """Train a model on DATA as `config` says, writing checkpoints and metrics into `output_dir`."""
+          config_origin: str = "", on_eval: Callable[[int, float], bool] | None = None) -> TrainResult:
+    """Train a model on DATA as `config` says, writing checkpoints and metrics into `output_dir`.
+
+    `on_eval(step, val_loss)`, when given, is called after each evaluation (a search uses it to prune hopeless
+    runs); when it returns True the run ends there as early stopping would end it, recorded as pruned."""
     output_dir = Path(output_dir)
     dist, dev = distributed.init(select_device(device))  # under torchrun: this process's GPU, cuda:LOCAL_RANK
     set_quiet(not dist.is_main)
@@ -76,16 +80,17 @@ def train(config: Config, data_paths: list[str], output_dir: Path, *, device: st
                     if resume_from is not None:
                         ckpt.check_resume_in_place(resume_from, output_dir)
             return _train(config, data_paths, output_dir, dev, dist, resume_from, earlier_run, tensorboard,
-                          config_origin)
+                          config_origin, on_eval)
     finally:
         distributed.shutdown(dist)
 
 
 def _train(config: Config, data_paths: list[str], output_dir: Path, dev: torch.device, dist: distributed.Dist,
            resume_from: ckpt.Checkpoint | None, earlier_run: list[str], tensorboard: bool,
-           config_origin: str) -> TrainResult:
+           config_origin: str, on_eval: Callable[[int, float], bool] | None) -> TrainResult:
     """Set up, check what is left to do, write config.yaml, then run the loop."""
     run = setup_run(config, data_paths, dev, dist, resume=resume_from)
+    run.on_eval = on_eval
     total_steps = plan_steps(run, resumed=resume_from is not None, output_dir=output_dir)
     with distributed.collectively(dist):
         if dist.is_main:
@@ -94,7 +99,7 @@ def _train(config: Config, data_paths: list[str], output_dir: Path, dev: torch.d
     print_header(run, total_steps, output_dir, resume_from, config_origin)
     log = open_metrics_log(run, total_steps, output_dir, resume_from, tensorboard) if dist.is_main else None
     interrupted_by = _guarded_loop(run, total_steps, output_dir, log, config_origin)
-    return TrainResult(interrupted_by, wrote_files=dist.is_main)
+    return TrainResult(interrupted_by, wrote_files=dist.is_main, pruned=run.pruned)
 
 
 def plan_steps(run: Run, resumed: bool, output_dir: Path) -> int:
@@ -142,7 +147,7 @@ def _guarded_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog 
         raise
     finally:
         if log is not None:
-            log.end(run.progress.step, run.elapsed(), interrupted_by is not None, sys.exc_info()[1])
+            log.end(run.progress.step, run.elapsed(), interrupted_by is not None, sys.exc_info()[1], run.pruned)
             log.close()
     return interrupted_by
 
@@ -234,8 +239,8 @@ def log_train(run: Run, window: LogWindow, log: MetricsLog | None, epoch: int, l
 
 
 def evaluate(run: Run, log: MetricsLog | None, output_dir: Path) -> bool:
-    """Validation loss, logged, with a short sample; keeps best_model.pt. Returns True when early stopping says
-    to stop."""
+    """Validation loss, logged, with a short sample; keeps best_model.pt. Returns True when early stopping (or
+    on_eval) says to stop."""
     cfg, state = run.cfg, run.progress
     val_loss = estimate_loss(run.model, run.val_tokens, cfg.batch_size, run.device, run.amp,
                              cfg.eval_batches * cfg.batch_size, run.dist)
@@ -253,6 +258,9 @@ def evaluate(run: Run, log: MetricsLog | None, output_dir: Path) -> bool:
                    **({"sample": sample} if sample is not None else {})})
     if improved and cfg.save_best:
         save_checkpoint(run, output_dir / BEST, resumable=False)
+    if run.on_eval is not None and run.on_eval(state.step, val_loss):
+        run.pruned = True
+        return True
     patience = cfg.early_stopping_patience
     return bool(patience) and state.evals_without_improvement >= patience
 
@@ -293,7 +301,9 @@ def end_epoch(run: Run, log: MetricsLog | None, output_dir: Path, stopped_early:
         save_checkpoint(run, output_dir / periodic_name(epoch))
         if run.dist.is_main:
             prune_periodic(output_dir, cfg.keep_last_n)
-    if stopped_early:
+    if run.pruned:
+        info(f"Pruned: the search stopped this run at step {state.step:,} (validation loss {state.val_loss:.4f})")
+    elif stopped_early:
         info(f"Early stopping: validation loss has not improved for {cfg.early_stopping_patience} "
              f"evaluation(s); best {state.best_val_loss:.4f}")
     distributed.barrier(run.dist)
