@@ -27,9 +27,13 @@ def perplexity(loss_nats: float) -> float:
     return math.exp(min(loss_nats, 700.0))  # exp overflows past ~709
 
 
-def bits_per_char(loss_nats: float) -> float:
-    """Bits per character: for a character tokenizer one token is one character."""
-    return loss_nats / math.log(2)
+def bits_per_char(loss_per_token: float, num_tokens: int, num_chars: int) -> float:
+    """Bits per character of a text of `num_chars` characters in `num_tokens` tokens, from the mean loss per
+    token (nats): the total bits over the text divided by its characters. Comparable across tokenizers; for a
+    character tokenizer (one token per character) it is the loss per token in bits."""
+    if num_chars <= 0:
+        return math.nan
+    return loss_per_token * num_tokens / num_chars / math.log(2)
 
 
 class MetricsLog:
