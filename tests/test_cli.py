@@ -54,16 +54,19 @@ def test_generate_and_evaluate_work_on_every_checkpoint(trained: tuple[Path, str
         ev = run_cli("evaluate", run / name, "--json")
         assert ev.exit_code == 0, ev.stderr
         metrics = json.loads(ev.stdout)
-        assert 0 < metrics["loss"] < math.log(65)
-        assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / math.log(2))
-        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+        assert 0 < metrics["loss_per_token"] < math.log(65)
+        # a character model: one token per character, so bits per character are the loss per token in bits
+        assert metrics["characters"] == metrics["tokens"]
+        assert metrics["bits_per_char"] == pytest.approx(metrics["loss_per_token"] / math.log(2))
+        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss_per_token"]))
 
 
 def test_evaluate_without_data_reproduces_the_runs_validation_loss(trained: tuple[Path, str]) -> None:
     run, _ = trained
     last_eval = [r for r in read_metrics(run) if r["kind"] == "eval"][-1]
     result = json.loads(run_cli("evaluate", run / "final_model.pt", "--json").stdout)
-    assert result["loss"] == pytest.approx(last_eval["val_loss"], rel=1e-5)
+    assert result["loss_per_token"] == pytest.approx(last_eval["val_loss"], rel=1e-5)
+    assert result["bits_per_char"] == pytest.approx(last_eval["bits_per_char"], rel=1e-5)
     assert result["tokens"] == 4000  # the last 10% of 40,000 characters
     assert result["predictions"] == 3999  # every character but the first
 
@@ -79,7 +82,11 @@ def test_evaluate_on_another_file(trained: tuple[Path, str], corpus: Path, shake
     assert "10,000 characters" in result.stdout and "bpc=" in result.stdout
     unseen = tmp_path / "unseen.txt"
     unseen.write_text("ZEBRA QUIZ" * 10)  # 'Z' and 'Q' never occur in the first 40,000 characters
-    result = run_cli("evaluate", run / "best_model.pt", unseen)
+    result = run_cli("evaluate", run / "best_model.pt", unseen, "--json")
+    assert result.exit_code == 0, result.stderr
+    scored = json.loads(result.stdout)
+    assert scored["unknown_characters"] == 30 and scored["unknown_bits"] > 0  # Z, Q, Z in each of 10
+    result = run_cli("evaluate", run / "best_model.pt", unseen, "--strict")
     assert result.exit_code == 2 and "'Z'" in result.stderr and "never saw" in result.stderr
 
 

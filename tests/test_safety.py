@@ -262,7 +262,7 @@ def test_out_of_memory_names_the_remedies_in_order(corpus: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("args", "needles"), [
-    (["-p", "ZEBRA"], ["prompt", "'Z'", "never saw"]),
+    (["-p", "ZEBRA", "--strict"], ["prompt", "'Z'", "never saw"]),
     (["-p", "a" * 40], ["prompt is 40 characters", "context holds 32"]),
     (["-p", "A", "--max-tokens", "0"], ["--max-tokens"]),
     (["-p", "A", "--top-p", "0"], ["--top-p"]),
@@ -296,7 +296,7 @@ def test_interactive_generation_ends_cleanly_at_eof(run_dir: Path) -> None:
                              "--max-tokens", "20", "--seed", "0"], stdin=terminal, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     os.close(terminal)
-    os.write(controller, b"ZEBRA\n")  # a bad prompt: reported, and the session goes on
+    os.write(controller, b"a" * 40 + b"\n")  # a bad prompt (longer than the context): reported, the session goes on
     time.sleep(0.2)
     os.write(controller, b"First\n")
     time.sleep(0.2)
@@ -304,7 +304,7 @@ def test_interactive_generation_ends_cleanly_at_eof(run_dir: Path) -> None:
     stdout, stderr = proc.communicate(timeout=60)
     os.close(controller)
     assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "never saw" in stderr
+    assert "Traceback" not in stderr and "context holds 32" in stderr
     assert stdout.count("First") == 1 and len(stdout.split("First", 1)[1].rstrip("\n")) >= 20
 
 
