@@ -99,7 +99,7 @@ def test_two_processes_match_one_with_the_same_global_batch(text: Path, tmp_path
     assert gen.exit_code == 0 and gen.stdout.startswith("ROMEO:"), gen.stderr
     ev = run_cli("evaluate", final, "--json")
     assert ev.exit_code == 0, ev.stderr
-    assert json.loads(ev.stdout)["loss"] == pytest.approx(losses(double, "eval", "val_loss")[-1][1], rel=1e-5)
+    assert json.loads(ev.stdout)["loss_per_token"] == pytest.approx(losses(double, "eval", "val_loss")[-1][1], rel=1e-5)
 
 
 def test_resuming_a_two_process_run_continues_exactly(text: Path, tmp_path: Path) -> None:
