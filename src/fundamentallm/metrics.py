@@ -5,7 +5,8 @@ crashed run keeps everything up to its last line. Records have "kind": "train" (
 steps) or "eval" (after each evaluation), and "kind": "run" for the first line, which describes the run. When
 the loop ends, for whatever reason, a "kind": "end" record says how (status finished, interrupted or failed), so
 `fundamentallm status` can tell a finished run from one that is still going or was killed. Every record carries
-"time" (Unix time), so tools can measure from a process's launch.
+"time" (Unix time), so tools can measure from a process's launch. Losses are nats per token; an eval record's
+"bits_per_char" is per character of the validation text, comparable across tokenizers.
 """
 
 from __future__ import annotations
