@@ -199,3 +199,16 @@ def test_sweep_over_tokenizers_ranks_by_bits_per_char_of_each(alice: Path, tmp_p
                  "data.tokenizer=byte", "--steps", "12", "--val-data", val)
     assert lr.exit_code == 0, lr.stderr
     assert "Suggested learning rate" in lr.output
+
+
+def test_checkpoints_written_before_the_new_tokenizers_still_load(tmp_path: Path) -> None:
+    from fundamentallm import checkpoint as ckpt
+
+    _uniform_checkpoint(tmp_path / "new.pt", CharTokenizer(["a", "b"]))
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    for key in ("val_files", "num_train_chars", "num_val_chars"):  # fields DataInfo gained with this change
+        del payload["data"][key]
+    payload["checksum"] = ckpt._checksum(payload)
+    torch.save(payload, tmp_path / "old.pt")
+    old = read_checkpoint(tmp_path / "old.pt")
+    assert old.data.val_files == [] and old.tokenizer.kind == "char" and not old.tokenizer.has_unknown
