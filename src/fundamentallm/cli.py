@@ -136,7 +136,7 @@ def _float_flag(value: str | None, flag: str) -> float | None:
               help="Peak learning rate (training.learning_rate); auto: run the range test (lr-find) first.")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (training.batch_size).")
 @click.option("--epochs", type=int, help="Passes over the training split (training.epochs).")
-@click.option("--sequence-length", type=int, help="Context length in characters (training.sequence_length).")
+@click.option("--sequence-length", type=int, help="Context length in tokens (training.sequence_length).")
 @click.option("--seed", type=int, help="Random seed (training.seed).")
 @_device_option()
 @_output_dir_option("checkpoints", "Where checkpoints, config.yaml and metrics.jsonl go.")
@@ -297,7 +297,7 @@ def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size:
 @click.argument("data", nargs=-1, required=True)
 @_config_option()
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (the best rate depends on it).")
-@click.option("--sequence-length", type=int, help="Context length in characters.")
+@click.option("--sequence-length", type=int, help="Context length in tokens.")
 @_set_option()
 # The range test's defaults live in lr_finder.py (not imported here: it loads torch); None means "not given".
 @click.option("--start-lr", type=click.FloatRange(min=0, min_open=True),
