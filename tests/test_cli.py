@@ -128,8 +128,9 @@ def test_keep_last_n_and_save_every(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_early_stopping_ends_training(corpus: Path, tmp_path: Path) -> None:
-    # A learning rate too small to move any weight: validation loss never improves after the first epoch.
-    result = train_tiny(corpus, tmp_path / "run", "--epochs", "10", "--learning-rate", "1e-12",
+    # A learning rate too small to move any weight (even a zero-initialised bias moves by only 1e-30, far below
+    # float32 rounding of the loss): validation loss never improves after the first epoch.
+    result = train_tiny(corpus, tmp_path / "run", "--epochs", "10", "--learning-rate", "1e-30",
                         "--set", "training.early_stopping_patience=2", "--set", "training.scheduler=constant")
     assert "Early stopping" in result.output
     assert "Epoch 3/10: 100%" in result.output and "Epoch 4/10" not in result.output

@@ -57,11 +57,14 @@ def score_tokens(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int,
             targets = batch[:, 1:].reshape(-1)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits, _ = model(batch[:, :-1])
-            nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets, reduction="none").double()
-            unknown = (targets == unknown_id).double()  # a mask, not an index: no host-device sync
-            totals += torch.stack([nats.sum(), torch.tensor(float(len(targets)), device=device,
-                                                            dtype=torch.float64),
-                                   (nats * unknown).sum(), unknown.sum()])
+            flat, count = logits.reshape(-1, logits.size(-1)).float(), len(targets)
+            # The mean in float32, as the model's own loss: the same numbers as training reports.
+            totals[:2] += torch.stack([F.cross_entropy(flat, targets).double() * count,
+                                       torch.tensor(float(count), device=device, dtype=torch.float64)])
+            if unknown_id >= 0:
+                unknown = (targets == unknown_id).double()  # a mask, not an index: no host-device sync
+                nats = F.cross_entropy(flat, targets, reduction="none").double()
+                totals[2:] += torch.stack([(nats * unknown).sum(), unknown.sum()])
     model.train(was_training)
     distributed.all_reduce_sum(dist, totals)
     nats, predictions, unknown_nats, unknown_predictions = totals.tolist()
