@@ -98,7 +98,7 @@ def test_two_processes_match_one_with_the_same_global_batch(text: Path, tmp_path
     assert gen.exit_code == 0 and gen.stdout.startswith("Alice:"), gen.stderr
     ev = run_cli("evaluate", final, "--json")
     assert ev.exit_code == 0, ev.stderr
-    assert json.loads(ev.stdout)["loss"] == pytest.approx(losses(double, "eval", "val_loss")[-1][1], rel=1e-5)
+    assert json.loads(ev.stdout)["loss_per_token"] == pytest.approx(losses(double, "eval", "val_loss")[-1][1], rel=1e-5)
 
 
 def test_resuming_a_two_process_run_continues_exactly(text: Path, tmp_path: Path) -> None:
@@ -129,3 +129,18 @@ def test_a_bad_input_stops_every_process_with_one_message(tmp_path: Path) -> Non
     assert result.stderr.count("error: data file") == 1, result.stderr
     assert "internal error" not in result.stderr and "Connection closed" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_train_a_bpe_model_like_one(text: Path, tmp_path: Path) -> None:
+    # The first process builds the token cache (training the BPE merges), the other reads it: both train on the
+    # same tokens, so the curves match the single process's as in the character test above.
+    bpe = ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300", "--epochs", "1"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    ref = run_cli("train", text, "-o", single, *TINY, *bpe, "--batch-size", "8")
+    assert ref.exit_code == 0, ref.stderr
+    result = torchrun("train", text, "-o", double, *TINY, *bpe, "--batch-size", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bpe tokenizer, vocabulary 300" in result.stdout
+    assert_curves_match(losses(single), losses(double), TOLERANCE)
+    assert read_checkpoint(double / "final_model.pt").tokenizer.to_dict() == \
+        read_checkpoint(single / "final_model.pt").tokenizer.to_dict()

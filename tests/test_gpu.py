@@ -31,7 +31,7 @@ def test_trains_generates_and_evaluates_on_cuda(corpus: Path, tmp_path: Path) ->
     gen = run_cli("generate", run / "final_model.pt", "-p", "King", "--max-tokens", "100", "--device", "cuda")
     assert gen.exit_code == 0 and len(gen.stdout) == 4 + 100 + 1
     ev = json.loads(run_cli("evaluate", run / "final_model.pt", "--json", "--device", "cuda").stdout)
-    assert ev["loss"] == pytest.approx(evals[-1], rel=2e-2)  # bf16 evaluation against the run's own
+    assert ev["loss_per_token"] == pytest.approx(evals[-1], rel=2e-2)  # bf16 evaluation against the run's own
 
 
 def test_cuda_checkpoint_loads_on_cpu(corpus: Path, tmp_path: Path) -> None:

@@ -95,6 +95,8 @@ CRAFTED: dict[str, Callable[[dict[str, Any]], None]] = {
     "absurd model": lambda p: p["config"]["model"].update(d_model=8192, num_heads=64, d_ff=65536),
     "huge context": lambda p: p["config"]["training"].update(sequence_length=10_000_000),
     "scaler a list": lambda p: p["training_state"].update(scaler=[1, 2]),
+    "tokenizer of no known type": lambda p: p.update(tokenizer={"type": "word", "json": "{}"}),
+    "bpe tokenizer not JSON": lambda p: p.update(tokenizer={"type": "bpe", "json": "not json"}),
 }
 
 

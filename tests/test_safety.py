@@ -262,8 +262,7 @@ def test_out_of_memory_names_the_remedies_in_order(corpus: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("args", "needles"), [
-    (["-p", "§ 12"], ["prompt", "'§'", "never saw"]),  # alice.txt has no '§'
-
+    (["-p", "§ 12", "--strict"], ["prompt", "'§'", "never saw"]),  # alice.txt has no '§'
     (["-p", "a" * 40], ["prompt is 40 characters", "context holds 32"]),
     (["-p", "A", "--max-tokens", "0"], ["--max-tokens"]),
     (["-p", "A", "--top-p", "0"], ["--top-p"]),
@@ -297,13 +296,13 @@ def test_interactive_generation_ends_cleanly_at_eof(run_dir: Path) -> None:
     os.close(terminal)
     # The terminal hands the program one line per read, and Ctrl-D at the start of a line as the end, so all
     # three can be typed ahead: the program reads them in order whenever it gets to them.
-    os.write(controller, "§ 12\n".encode())  # a bad prompt: reported, and the session goes on
+    os.write(controller, b"a" * 40 + b"\n")  # a bad prompt (longer than the context): reported, the session goes on
     os.write(controller, b"First\n")
     os.write(controller, b"\x04")  # Ctrl-D
     stdout, stderr = proc.communicate(timeout=HANG_GUARD)
     os.close(controller)
     assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "never saw" in stderr
+    assert "Traceback" not in stderr and "context holds 32" in stderr
     assert stdout.count("First") == 1 and len(stdout.split("First", 1)[1].rstrip("\n")) >= 20
 
 

@@ -77,7 +77,8 @@ def test_lr_find_suggests_a_rate_that_works(tmp_path: Path) -> None:
     assert KNOWN_GOOD_LR / 3 <= suggested <= KNOWN_GOOD_LR * 3, out
     # The output names the rule that produced the number, and why the test stopped.
     assert "Rule: steepest descent of the smoothed loss" in out or "Rule: minimum of the smoothed loss / 10" in out
-    assert "Stopped after" in out
+    # (here it stops near the end of the range or reaches it, depending on the random start; either is said)
+    assert "Stopped after" in out or "did not diverge up to learning rate 1" in result.stderr
     rows = list(csv.DictReader((tmp_path / "lr" / "lr_find.csv").open()))
     lrs = [float(r["learning_rate"]) for r in rows]
     assert 10 <= len(rows) <= 60 and lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-5)

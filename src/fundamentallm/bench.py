@@ -93,6 +93,7 @@ class QualityRow:
     step_at_target: int | None
     best_val_loss: float
     wall_seconds: float
+    best_bits_per_char: float  # of the evaluation with the best loss: comparable across tokenizers
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
@@ -188,8 +189,9 @@ def measure_quality(data: Path, recipe: str, target: float, device: torch.device
     _, _, launched = _train_child(data, out, str(device), ["--config", recipe, *extra])
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     hit = next((r for r in evals if r["val_loss"] <= target), None)
+    best = min(evals, key=lambda r: r["val_loss"])
     return QualityRow(recipe, target, hit["time"] - launched if hit else None, hit["step"] if hit else None,
-                      min(r["val_loss"] for r in evals), max(r["time"] for r in evals) - launched)
+                      best["val_loss"], max(r["time"] for r in evals) - launched, best["bits_per_char"])
 
 
 def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = None, steps: int | None = None,
@@ -281,11 +283,11 @@ def format_tables(results: dict[str, Any]) -> str:
             lines.append(f"| {r['preset']} | {r['tokens']:,} | {r['tokens_per_sec']:,.0f} | "
                          f"{r['ms_per_token_first_quarter']:.2f} | {r['ms_per_token_last_quarter']:.2f} |")
     if results["quality"]:
-        lines += ["", "| recipe | target val loss | time to target (s) | step | best val loss | wall (s) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| recipe | target val loss | time to target (s) | step | best val loss | best bits/char | "
+                  "wall (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
         for r in results["quality"]:
             hit = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "not reached"
             step = "-" if r["step_at_target"] is None else r["step_at_target"]
             lines.append(f"| {r['recipe']} | {r['target']} | {hit} | {step} | "
-                         f"{r['best_val_loss']:.4f} | {r['wall_seconds']:.1f} |")
+                         f"{r['best_val_loss']:.4f} | {r['best_bits_per_char']:.4f} | {r['wall_seconds']:.1f} |")
     return "\n".join(lines)

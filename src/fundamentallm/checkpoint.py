@@ -33,7 +33,7 @@ from fundamentallm.errors import UserError
 from fundamentallm.files import atomic_write
 from fundamentallm.model import GPT
 from fundamentallm.runfiles import FINAL, resumable_files
-from fundamentallm.tokenizer import CharTokenizer
+from fundamentallm.tokenizer import Tokenizer, tokenizer_from_dict
 
 if TYPE_CHECKING:  # types only: readers of checkpoints (evaluate, generate) need no training code
     from fundamentallm.data import BatchSampler, TokenData
@@ -74,11 +74,15 @@ class DataInfo:
     num_chars: int = 0
     num_train_tokens: int = 0
     num_val_tokens: int = 0
+    # Added with the byte and BPE tokenizers; checkpoints written before lack them (and read as these defaults).
+    val_files: list[str] = field(default_factory=list)  # --val-data; empty: the end of `files` validates
+    num_train_chars: int = 0
+    num_val_chars: int = 0
 
     @classmethod
     def of(cls, data: TokenData) -> DataInfo:
         return cls(data.fingerprint, [str(f.resolve()) for f in data.files], data.num_chars, len(data.train),
-                   len(data.val))
+                   len(data.val), [str(f.resolve()) for f in data.val_files], data.train_chars, data.val_chars)
 
 
 @dataclass
@@ -95,7 +99,7 @@ class TrainingState:
 @dataclass
 class Checkpoint:
     config: Config
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     model_state: dict[str, torch.Tensor]
     data: DataInfo
     progress: TrainingProgress
@@ -254,7 +258,7 @@ def _parse(payload: dict[str, Any], path: Path) -> Checkpoint:
         raise _Malformed("config")
     config = config_from_dict(payload["config"], f"checkpoint {path}")
     try:
-        tokenizer = CharTokenizer.from_dict(payload["tokenizer"])
+        tokenizer = tokenizer_from_dict(payload["tokenizer"])
     except (ValueError, TypeError, AttributeError) as exc:
         raise _Malformed(f"tokenizer: {exc}") from None
     with torch.device("meta"):  # the model the config describes, without allocating it
@@ -325,6 +329,7 @@ def _check_generator(value: Any, size: int | None, what: str) -> None:
 
 
 _T = typing.TypeVar("_T")
+_ADDED_LATER = {"val_files", "num_train_chars", "num_val_chars", "planned_steps"}  # fields older files may lack
 
 
 def _typed(cls: type[_T], raw: Any, what: str) -> _T:
@@ -335,15 +340,14 @@ def _typed(cls: type[_T], raw: Any, what: str) -> _T:
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in raw and f.name in _ADDED_FIELDS:
-            continue
+        if f.name not in raw and f.name in _ADDED_LATER:
+            continue  # a checkpoint from before the field existed
         if f.name not in raw or not _is_instance(raw[f.name], hints[f.name]):
             raise _Malformed(f"{what}.{f.name}")
         values[f.name] = raw[f.name]
     return cls(**values)
 
 
-_ADDED_FIELDS = {"planned_steps"}  # fields newer than format version 1's first release
 
 
 def _is_instance(value: Any, hint: Any) -> bool:
@@ -389,7 +393,7 @@ def _checksum(payload: dict[str, Any]) -> str:
 @dataclass
 class LoadedModel:
     model: GPT
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     config: Config
     checkpoint: Checkpoint
 
@@ -490,7 +494,21 @@ def check_resume_compatible(checkpoint: Checkpoint, config: Config, data: TokenD
         raise UserError(f"cannot resume from {path}: it was trained on different data ({files}, "
                         f"{checkpoint.data.num_chars:,} characters; now {data.num_chars:,} characters from "
                         f"{', '.join(str(f) for f in data.files)}), or the text was edited since, or "
-                        f"validation_split/min_char_frequency changed")
+                        f"validation_split, --val-data or the data.tokenizer settings changed")
+    _check_same_tokenizer(checkpoint, data)
+
+
+def _check_same_tokenizer(checkpoint: Checkpoint, data: TokenData) -> None:
+    """The token cache must hold the ids the checkpoint's model was trained on. A character model saved before
+    every character model reserved an unknown token has the same characters (and ids) without it: the data
+    then holds no unknown id, since the unknown token was reserved before whenever the data needed one."""
+    saved, now = checkpoint.tokenizer.to_dict(), data.tokenizer.to_dict()
+    older_char = saved["type"] == now["type"] == "char" and saved["chars"] == now["chars"] and not saved["has_unknown"]
+    if saved != now and not older_char:
+        raise UserError(f"cannot resume from {checkpoint.path}: the tokenizer fitted on its data now "
+                        f"({data.tokenizer.describe()}) differs from the one it was trained with "
+                        f"({checkpoint.tokenizer.describe()}), e.g. because another version of the tokenizers "
+                        f"library learned other BPE merges; start a new run")
 
 
 def check_resume_in_place(checkpoint: Checkpoint, output_dir: Path) -> None:

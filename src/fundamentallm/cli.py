@@ -117,6 +117,18 @@ def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) 
     set_threads(value)
 
 
+def _val_data_option() -> Any:
+    return click.option("--val-data", "val_data", multiple=True, metavar="FILE",
+                        help="Validate on these files (or directories; repeatable) instead of the end of DATA; "
+                             "the tokenizer is fitted on DATA only.")
+
+
+def _strict_option() -> Any:
+    return click.option("--strict", is_flag=True,
+                        help="Refuse text with characters the model never saw, instead of treating them as its "
+                             "unknown token.")
+
+
 def _output_dir_option(default: str, help: str) -> Any:
     return click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path(default),
                         show_default=True, help=help)
@@ -161,7 +173,7 @@ def _float_flag(value: str | None, flag: str) -> float | None:
 @click.option("--time-budget", metavar="DURATION",
               help="Train for this long, e.g. 90s, 10m, 1h30m: the number of steps is fixed from the speed of the "
                    "first steps so that the schedule ends in time (training.time_budget).")
-@click.option("--sequence-length", type=int, help="Context length in characters (training.sequence_length).")
+@click.option("--sequence-length", type=int, help="Context length in tokens (training.sequence_length).")
 @click.option("--seed", type=int, help="Random seed (training.seed).")
 @_device_option()
 @_threads_option()
@@ -170,11 +182,12 @@ def _float_flag(value: str | None, flag: str) -> float | None:
 @click.option("--resume", metavar="PATH|auto",
               help="Continue from a checkpoint, or from the newest one in the output directory (auto).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in the output directory.")
+@_val_data_option()
 @_tensorboard_option()
 def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | None, batch_size: int | None,
           epochs: int | None, max_steps: int | None, time_budget: str | None, sequence_length: int | None,
-          seed: int | None, device: str, output_dir: Path,
-          assignments: tuple[str, ...], resume: str | None, overwrite: bool, tensorboard: bool) -> None:
+          seed: int | None, device: str, output_dir: Path, assignments: tuple[str, ...], resume: str | None,
+          overwrite: bool, val_data: tuple[str, ...], tensorboard: bool) -> None:
     """Train a model on DATA: one or more text files, or directories of .txt files."""
     from fundamentallm.config import resolve_config
     from fundamentallm.plot import plot_finished_run
@@ -188,6 +201,8 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
         if resume_from is None:
             raise click.UsageError("missing DATA: give a text file, several files, or a directory of .txt files")
         data = tuple(resume_from.data.files)
+    if not val_data and resume_from is not None:  # a resumed run validates on what it validated on before
+        val_data = tuple(resume_from.data.val_files)
 
     auto_lr = learning_rate is not None and learning_rate.strip().lower() == "auto"
     if auto_lr and resume_from is not None:
@@ -201,10 +216,12 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     if auto_lr:
         from fundamentallm.lr_finder import auto_learning_rate
 
-        config = auto_learning_rate(config, list(data), output_dir, device=device, overwrite=overwrite)
+        config = auto_learning_rate(config, list(data), output_dir, device=device, overwrite=overwrite,
+                                    val_paths=list(val_data))
     result = run_training(config, list(data), output_dir, device=device, resume_from=resume_from,
                           overwrite=overwrite, tensorboard=tensorboard,
-                          config_origin=config_name or (base[1] if base else "medium (default)"))
+                          config_origin=config_name or (base[1] if base else "medium (default)"),
+                          val_paths=list(val_data))
     if result.interrupted_by is not None:
         sys.exit(128 + result.interrupted_by)  # the shell convention for "ended by signal N"
     if result.wrote_files:
@@ -219,26 +236,28 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", help="Text to continue. Without it, prompts are read from the terminal.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Characters to generate per sample.")
+              help="Tokens to generate per sample (characters, for a char model).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
               callback=lambda ctx, param, value: _finite(value, "--temperature"),
               help="Sampling temperature; 0 is greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Sample only from the k most likely characters (0: all).")
+              help="Sample only from the k most likely tokens (0: all).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               callback=lambda ctx, param, value: _finite(value, "--top-p"),
-              help="Nucleus sampling: the smallest set of characters with this total probability.")
+              help="Nucleus sampling: the smallest set of tokens with this total probability.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Seed for reproducible samples.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Samples to draw per prompt, each continuing the same prompt.")
+@_strict_option()
 @_device_option()
 @_threads_option()
 def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature: float, top_k: int,
-             top_p: float, seed: int | None, num_samples: int, device: str) -> None:
+             top_p: float, seed: int | None, num_samples: int, strict: bool, device: str) -> None:
     """Generate text from a checkpoint, streaming it as it is produced."""
     import torch
 
     from fundamentallm.checkpoint import load_model
+    from fundamentallm.console import warn
     from fundamentallm.device import select_device
     from fundamentallm.generate import encode_prompt, generate_tokens
 
@@ -246,16 +265,24 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
     loaded = load_model(checkpoint, dev)
     tokenizer, context = loaded.tokenizer, loaded.model.context_length
     generator = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+    warned = False
 
     def run(text: str) -> None:
-        ids = encode_prompt(tokenizer, text, context)
+        nonlocal warned
+        ids, unseen = encode_prompt(tokenizer, text, context, strict)
+        if unseen and not warned:
+            warned = True
+            warn(f"the prompt contains {len(unseen)} character(s) the model never saw in training "
+                 f"({', '.join(repr(c) for c in unseen[:10])}); they are given to it as its unknown token "
+                 f"(--strict refuses them)")
         for sample in range(num_samples):
             if num_samples > 1:
                 click.echo(f"{'' if sample == 0 else chr(10)}--- sample {sample + 1}/{num_samples} ---")
             click.echo(text, nl=False)
+            stream = tokenizer.stream_decoder()  # byte and BPE tokens may end inside a character
             for token in generate_tokens(loaded.model, ids, max_tokens, temperature, top_k, top_p, generator):
-                click.echo(tokenizer.decode([token]), nl=False)
-            click.echo()
+                click.echo(stream.add(token), nl=False)
+            click.echo(stream.flush())
 
     if prompt is not None:
         run(prompt)
@@ -285,20 +312,25 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Context windows per forward pass (more is faster, up to the device's memory).")
+@_strict_option()
 @_device_option()
 @_threads_option()
-def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, device: str) -> None:
+def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, strict: bool,
+             device: str) -> None:
     """Loss, perplexity and bits per character of CHECKPOINT on DATA (default: the run's validation split)."""
     from fundamentallm.evaluate import evaluate as run_evaluation
 
-    result = run_evaluation(checkpoint, list(data) or None, device=device, batch_size=batch_size)
+    result = run_evaluation(checkpoint, list(data) or None, device=device, batch_size=batch_size, strict=strict)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    click.echo(f"{result.checkpoint} on {result.data}: {result.tokens:,} characters ({result.predictions:,} "
-               f"predicted), context {result.context_length}")
-    click.echo(f"  loss={result.loss:.4f} nats/char, perplexity={result.perplexity:.3f}, "
+    click.echo(f"{result.checkpoint} on {result.data}: {result.characters:,} characters, {result.tokens:,} "
+               f"{result.tokenizer} tokens ({result.predictions:,} predicted), context {result.context_length}")
+    click.echo(f"  loss={result.loss_per_token:.4f} nats/token, perplexity={result.perplexity:.3f} (per token), "
                f"bpc={result.bits_per_char:.4f}")
+    if result.unknown_characters:
+        click.echo(f"  {result.unknown_characters:,} character(s) the model never saw, scored as its unknown "
+                   f"token, carry {result.unknown_bits:,.1f} bits of the total")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,7 +360,7 @@ def export(checkpoint: Path, output_dir: Path, fmt: str, overwrite: bool) -> Non
 @click.argument("data", nargs=-1, required=True)
 @_config_option()
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (the best rate depends on it).")
-@click.option("--sequence-length", type=int, help="Context length in characters.")
+@click.option("--sequence-length", type=int, help="Context length in tokens.")
 @_set_option()
 # The range test's defaults live in lr_finder.py (not imported here: it loads torch); None means "not given".
 @click.option("--start-lr", type=click.FloatRange(min=0, min_open=True),
@@ -344,9 +376,10 @@ def export(checkpoint: Path, output_dir: Path, fmt: str, overwrite: bool) -> Non
 @_device_option()
 @_threads_option()
 @_output_dir_option("lr_find", "Where lr_find.csv and lr_find.png go.")
+@_val_data_option()
 def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | None, sequence_length: int | None,
             assignments: tuple[str, ...], start_lr: float | None, end_lr: float | None, steps: int | None,
-            diverge_factor: float | None, device: str, output_dir: Path) -> None:
+            diverge_factor: float | None, device: str, output_dir: Path, val_data: tuple[str, ...]) -> None:
     """Learning-rate range test on DATA: suggest a learning rate and plot loss against it."""
     from fundamentallm.config import resolve_config
     from fundamentallm.lr_finder import find_lr
@@ -354,7 +387,8 @@ def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | No
     config = resolve_config(config_name, _overrides(assignments, batch_size=batch_size,
                                                     sequence_length=sequence_length))
     given = {"start_lr": start_lr, "end_lr": end_lr, "num_steps": steps, "diverge_factor": diverge_factor}
-    find_lr(config, list(data), output_dir, device=device, **{k: v for k, v in given.items() if v is not None})
+    find_lr(config, list(data), output_dir, device=device, val_paths=list(val_data),
+            **{k: v for k, v in given.items() if v is not None})
 
 
 @cli.command()
@@ -376,10 +410,11 @@ def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | No
 @click.option("--prune", is_flag=True,
               help="With --search: stop a trial whose validation loss is behind the median of earlier trials.")
 @_output_dir_option("sweep", "One directory per run goes in here, and results.csv.")
+@_val_data_option()
 @_tensorboard_option("Also write TensorBoard event files for every run.")
 def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None, epochs: int | None,
           assignments: tuple[str, ...], device: str, search: str | None, spaces: tuple[str, ...],
-          trials: int | None, prune: bool, output_dir: Path, tensorboard: bool) -> None:
+          trials: int | None, prune: bool, output_dir: Path, val_data: tuple[str, ...], tensorboard: bool) -> None:
     """Grid search: train every combination of --grid values on DATA and rank them by validation loss.
     With --search random|tpe: train --trials configurations drawn from --space ranges and lists instead.
 
@@ -392,10 +427,12 @@ def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None
         from fundamentallm.sweep import run_sweep
 
         result = run_sweep(config_name, overrides, list(grids), list(data), output_dir, device=device,
-                           tensorboard=tensorboard)
+                           tensorboard=tensorboard, val_paths=list(val_data))
     else:
         if grids:
             raise UserError("--grid and --search are two kinds of sweep; give lists as --space KEY=V1,V2,...")
+        if val_data:
+            raise UserError("--val-data works with --grid sweeps; a --search validates on the end of DATA")
         if trials is None:
             raise UserError("--search needs --trials N: how many configurations to train")
         from fundamentallm.search import run_search

@@ -140,9 +140,15 @@ class TrainingConfig(_Section):
 
 
 class DataConfig(_Section):
+    tokenizer: Literal["char", "byte", "bpe"] = Field(
+        "char", description="char: one token per character; byte: the UTF-8 bytes (vocabulary 256); bpe: "
+                            "byte-level BPE trained on the training text (needs the bpe extra)")
+    vocab_size: int = Field(
+        4096, ge=257, le=262_144,
+        description="bpe only: vocabulary size, the 256 bytes plus the merges learned (at least one)")
     min_char_frequency: int = Field(
         1, ge=1, le=MAX_CHAR_FREQUENCY,
-        description="characters seen fewer times in the training text map to the unknown token")
+        description="char only: characters seen fewer times in the training text map to the unknown token")
 
 
 class Config(_Section):

@@ -2,8 +2,9 @@
 
     DATA paths -> text files (directories expanded; .gz/.xz read transparently)
                -> strict UTF-8 in char-aligned chunks (errors name the file and byte offset)
-               -> tokenizer fitted on the training part -> token cache on disk (memory-mapped)
-               -> train / validation split by position -> random windows of sequence_length + 1 tokens
+               -> train / validation split by position of the characters (or --val-data files)
+               -> tokenizer (char, byte or BPE) fitted on the training part -> token cache on disk (memory-mapped)
+               -> random windows of sequence_length + 1 tokens
 
 Nothing here holds the whole text in memory: every pass streams fixed-size chunks, so a 100M-character corpus
 is prepared in bounded memory. The cache is keyed by the files' bytes and the tokenizer settings, so a second
@@ -21,19 +22,29 @@ import os
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from fundamentallm.config import Config
 from fundamentallm.console import Progress, warn
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write, atomic_write_bytes, remove_stale_temporaries
-from fundamentallm.tokenizer import CharTokenizer, code_points
+from fundamentallm.tokenizer import (
+    MAX_CODE_POINT,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+    code_points,
+    tokenizer_from_dict,
+)
 
-CACHE_FORMAT = 2  # 2: files hashed as stored on disk; meta records text_bytes
+CACHE_FORMAT = 3  # of meta.json: 2 recorded text_bytes; 3 adds the tokenizer type and characters per split
+KEY_FORMAT = 2  # of the cache key; 2: files hashed as stored on disk
 CHUNK_BYTES = 2 << 20  # streaming unit: measured as fast as 8 or 16 MB chunks, and much less memory
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
 _PROGRESS_MIN_BYTES = 32 << 20
@@ -140,16 +151,28 @@ def _count_chars(data: bytes) -> int:
 class TokenData:
     """A tokenized corpus: the tokenizer and the train / validation token arrays (memory-mapped)."""
 
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     train: np.ndarray
     val: np.ndarray
     files: list[Path]
-    num_chars: int
+    num_chars: int  # characters of all the text, training and validation
     fingerprint: str  # identifies the corpus and tokenizer settings; resume refuses a different one
     cache_dir: Path
     from_cache: bool
     text_bytes: int = 0  # UTF-8 bytes of the text (uncompressed)
     build_seconds: float = 0.0  # time spent building the token cache; 0 when it was reused
+    val_files: list[Path] = field(default_factory=list)  # --val-data; empty: validation is the end of DATA
+    train_chars: int = 0  # characters of each split: bits per character divide by these
+    val_chars: int = 0
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """What decides the tokens besides the text: part of the cache key."""
+
+    kind: str = "char"
+    vocab_size: int = 0  # bpe only
+    min_char_frequency: int = 1  # char only
 
 
 def default_cache_dir() -> Path:
@@ -164,20 +187,29 @@ def _compression(path: Path) -> str:
     return "gz" if path.name.endswith(".gz") else "xz" if path.name.endswith(".xz") else "none"
 
 
-def _fingerprint(files: list[Path], validation_split: float, min_char_frequency: int) -> str:
-    """Hash of every file's bytes as stored on disk, plus the tokenizer settings.
+def _fingerprint(files: list[Path], val_files: list[Path], validation_split: float,
+                 settings: TokenizerSettings) -> str:
+    """Hash of every file's bytes as stored on disk, plus the split and tokenizer settings.
 
     Compressed files are hashed as they are stored, not decompressed: the key still changes whenever the text
     does, and a second run over a .xz corpus starts without decompressing it (decompression costs far more than
     hashing). This pass reads each file once at disk speed; nothing else happens when the cache is valid.
+    A character model split by position keeps the key it had before other tokenizers existed, so that runs
+    trained then still resume and find their validation split.
     """
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps({"format": CACHE_FORMAT, "validation_split": validation_split,
-                              "min_char_frequency": min_char_frequency}).encode())
-    sizes = [_file_size(path) for path in files]
+    key: dict = {"format": KEY_FORMAT, "validation_split": None if val_files else validation_split,
+                 "min_char_frequency": settings.min_char_frequency}
+    if settings.kind != "char":
+        key.update(tokenizer=settings.kind, vocab_size=settings.vocab_size if settings.kind == "bpe" else None)
+    digest.update(json.dumps(key).encode())
+    all_files = [*files, *val_files]
+    sizes = [_file_size(path) for path in all_files]
     total = sum(sizes)
     bar = Progress(total, "Hashing", unit="B", unit_scale=True) if total >= _PROGRESS_MIN_BYTES else None
-    for path, size in zip(files, sizes, strict=True):
+    for index, (path, size) in enumerate(zip(all_files, sizes, strict=True)):
+        if index == len(files):
+            digest.update(b"\x00validation\x00")  # the same files as DATA or as --val-data are different data
         # Kind and size frame each file, so that no two different file lists can feed the same byte stream.
         digest.update(f"\x00file\x00{_compression(path)}\x00{size}\x00".encode())
         try:
@@ -210,16 +242,44 @@ def _measure(files: list[Path]) -> tuple[int, int]:
     return chars, total_bytes
 
 
-def _stream_text(files: list[Path], desc: str, total_bytes: int) -> Iterator[str]:
+def _stream_text(files: list[Path], desc: str, total_bytes: int) -> Iterator[tuple[Path, str]]:
     show = total_bytes >= _PROGRESS_MIN_BYTES
     bar = Progress(total_bytes, desc, unit="B", unit_scale=True) if show else None
     for path in files:
         for offset, data in iter_byte_chunks(path):
-            yield decode_chunk(path, offset, data)
+            yield path, decode_chunk(path, offset, data)
             if bar is not None:
                 bar.update(len(data))
     if bar is not None:
         bar.close(final_line=False)
+
+
+@dataclass
+class _Plan:
+    """Where the text is and how it splits: the first `train_chars` characters of `files` train, unless
+    validation files are given (then all of `files` trains and `val_files` validate)."""
+
+    files: list[Path]
+    val_files: list[Path]
+    names: str
+    total_bytes: int
+    train_chars: int
+    val_chars: int
+
+    def pieces(self, desc: str) -> Iterator[tuple[str, bool]]:
+        """The text in chunks, each marked True when it belongs to the training split."""
+        seen = 0
+        val = set(self.val_files)
+        for path, text in _stream_text([*self.files, *self.val_files], desc, self.total_bytes):
+            if self.val_files:
+                yield text, path not in val
+                continue
+            head = max(0, min(len(text), self.train_chars - seen))
+            seen += len(text)
+            if head:
+                yield text[:head], True
+            if head < len(text):
+                yield text[head:], False
 
 
 def prepare_tokens(
@@ -227,30 +287,62 @@ def prepare_tokens(
     validation_split: float,
     min_char_frequency: int = 1,
     cache_dir: Path | None = None,
+    *,
+    tokenizer: str = "char",
+    vocab_size: int = 0,
+    val_paths: list[str | Path] | None = None,
 ) -> TokenData:
-    """Tokenize DATA (or reuse the cached tokens) and split it by position into train and validation."""
+    """Tokenize DATA (or reuse the cached tokens) and split it into train and validation: by position (the last
+    `validation_split` of the characters validate), or, with `val_paths`, training on DATA and validating on those."""
     files = find_text_files(paths)
-    key = _fingerprint(files, validation_split, min_char_frequency)
+    val_files = find_text_files(val_paths) if val_paths else []
+    both = {f.resolve() for f in files} & {f.resolve() for f in val_files}
+    if both:
+        raise UserError(f"{sorted(both)[0]} is given both as DATA and with --val-data; validation text must be "
+                        f"text the model does not train on")
+    settings = TokenizerSettings(tokenizer, vocab_size, min_char_frequency)
+    key = _fingerprint(files, val_files, validation_split, settings)
     cache_dir = Path(cache_dir or default_cache_dir()) / key
     meta = _load_cache(cache_dir)
     from_cache = meta is not None
     build_seconds = 0.0
     if meta is None:
-        names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         start = time.perf_counter()
-        num_chars, total_bytes = _measure(files)
-        if num_chars == 0:
-            raise UserError(f"{names}: no text (the input is empty)")
-        meta = _build_cache(files, names, cache_dir, num_chars, total_bytes, validation_split, min_char_frequency)
+        meta = _build_cache(_plan(files, val_files, validation_split), cache_dir, settings)
         build_seconds = time.perf_counter() - start
     tokens = np.memmap(cache_dir / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r",
                        shape=(meta["num_tokens"],))
     split = meta["num_train"]
     return TokenData(
-        tokenizer=CharTokenizer.from_dict(meta["tokenizer"]), train=tokens[:split], val=tokens[split:],
-        files=files, num_chars=meta["num_tokens"], fingerprint=key, cache_dir=cache_dir, from_cache=from_cache,
-        text_bytes=meta["text_bytes"], build_seconds=build_seconds,
+        tokenizer=tokenizer_from_dict(meta["tokenizer"]), train=tokens[:split], val=tokens[split:],
+        files=files, num_chars=meta["train_chars"] + meta["val_chars"], fingerprint=key, cache_dir=cache_dir,
+        from_cache=from_cache, text_bytes=meta["text_bytes"], build_seconds=build_seconds, val_files=val_files,
+        train_chars=meta["train_chars"], val_chars=meta["val_chars"],
     )
+
+
+def prepare_data(config: Config, paths: list[str | Path], val_paths: list[str | Path] | None = None,
+                 cache_dir: Path | None = None) -> TokenData:
+    """`prepare_tokens` with the split and tokenizer settings of `config`."""
+    return prepare_tokens(paths, config.training.validation_split, config.data.min_char_frequency, cache_dir,
+                          tokenizer=config.data.tokenizer, vocab_size=config.data.vocab_size, val_paths=val_paths)
+
+
+def _names(files: list[Path]) -> str:
+    return ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+
+def _plan(files: list[Path], val_files: list[Path], validation_split: float) -> _Plan:
+    num_chars, total_bytes = _measure(files)
+    if num_chars == 0:
+        raise UserError(f"{_names(files)}: no text (the input is empty)")
+    if not val_files:
+        train_chars = num_chars - max(1, round(num_chars * validation_split))
+        return _Plan(files, [], _names(files), total_bytes, train_chars, num_chars - train_chars)
+    val_chars, val_bytes = _measure(val_files)
+    if val_chars == 0:
+        raise UserError(f"--val-data {_names(val_files)}: no text (the input is empty)")
+    return _Plan(files, val_files, _names(files), total_bytes + val_bytes, num_chars, val_chars)
 
 
 def _load_cache(cache_dir: Path) -> dict | None:
@@ -264,48 +356,31 @@ def _load_cache(cache_dir: Path) -> dict | None:
     return meta
 
 
-def _build_cache(files: list[Path], names: str, cache_dir: Path, num_chars: int, total_bytes: int,
-                 validation_split: float, min_char_frequency: int) -> dict:
-    num_train = num_chars - max(1, round(num_chars * validation_split))
-    # Pass 1: validate the text and count characters in each region, to fit the vocabulary on training text.
-    train_counts = np.zeros(0x110000, dtype=np.int64)
-    val_counts = np.zeros(0x110000, dtype=np.int64)
-    seen = 0
-    has_text = False
-    for text in _stream_text(files, "Reading", total_bytes):
-        cps = code_points(text)
-        head = max(0, min(len(cps), num_train - seen))
-        _add_counts(train_counts, cps[:head])
-        _add_counts(val_counts, cps[head:])
-        seen += len(cps)
-        has_text = has_text or not text.isspace()
-    if not has_text:
-        raise UserError(f"{names}: the text is only whitespace; there is nothing to learn from")
-    unseen_in_train = int(np.count_nonzero((val_counts > 0) & (train_counts < min_char_frequency)))
-    if min_char_frequency > train_counts.max():  # every character would be the unknown token: nothing to learn
-        raise UserError(f"data.min_char_frequency = {min_char_frequency:,} is more than the count of every character "
-                        f"in the training text of {names} (the most frequent occurs {int(train_counts.max()):,} "
-                        f"times); lower it, e.g. --set data.min_char_frequency=1")
-    tokenizer = CharTokenizer.fit(train_counts, min_char_frequency, reserve_unknown=unseen_in_train > 0)
-    if unseen_in_train:
-        warn(f"{unseen_in_train} distinct character(s) in the validation part never occur (often enough) in "
-             f"the training part; they map to the unknown token")
-
+def _build_cache(plan: _Plan, cache_dir: Path, settings: TokenizerSettings) -> dict:
+    # Pass 1 (after measuring): validate the text and fit the tokenizer on the training part.
+    tokenizer = _fit(plan, settings)
     # Pass 2: encode chunk by chunk straight into the cache file, in the smallest integer type that holds the
-    # vocabulary. Every character of the corpus is in the vocabulary or maps to the unknown token (reserved above
-    # whenever one does not), so the lookup can produce that type directly, with no int64 intermediate.
+    # vocabulary. Every character is in a char tokenizer's vocabulary or maps to its unknown token (always
+    # reserved), so the lookup can produce that type directly, with no int64 intermediate.
     dtype = tokenizer.dtype
+    num_train = 0
 
     def write_tokens(f: BinaryIO) -> None:
-        for text in _stream_text(files, "Tokenizing", total_bytes):
-            f.write(tokenizer.encode_array(text, dtype).tobytes())
+        nonlocal num_train
+        for text, training in plan.pieces("Tokenizing"):
+            ids = tokenizer.encode_array(text, dtype)
+            num_train += len(ids) if training else 0
+            f.write(ids.tobytes())
 
     # A build killed midway leaves its temporary file; one untouched for 10 minutes is not being written.
     remove_stale_temporaries(cache_dir, idle_seconds=600)
     try:
         atomic_write(cache_dir / "tokens.bin", write_tokens)
-        meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "num_tokens": num_chars, "num_train": num_train,
-                "text_bytes": total_bytes, "tokenizer": tokenizer.to_dict(), "files": [str(f) for f in files]}
+        num_tokens = (cache_dir / "tokens.bin").stat().st_size // dtype.itemsize
+        meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "num_tokens": num_tokens, "num_train": num_train,
+                "train_chars": plan.train_chars, "val_chars": plan.val_chars, "text_bytes": plan.total_bytes,
+                "tokenizer": tokenizer.to_dict(), "files": [str(f) for f in plan.files],
+                "val_files": [str(f) for f in plan.val_files]}
         atomic_write_bytes(cache_dir / "meta.json", json.dumps(meta).encode())  # last: marks the cache whole
     except TrainingFailed:
         raise UserError(f"the disk is full while writing the token cache in {cache_dir}; free some space, or set "
@@ -316,6 +391,48 @@ def _build_cache(files: list[Path], names: str, cache_dir: Path, num_chars: int,
     return meta
 
 
+def _fit(plan: _Plan, settings: TokenizerSettings) -> Tokenizer:
+    """One pass over all the text: check it (strict UTF-8, not only whitespace) and fit the tokenizer on the
+    training part (a character histogram, or BPE merges learned from the streamed chunks)."""
+    train_counts = np.zeros(MAX_CODE_POINT, dtype=np.int64)
+    val_counts = np.zeros(MAX_CODE_POINT, dtype=np.int64)
+    has_text = False
+
+    def training_text() -> Iterator[str]:
+        nonlocal has_text
+        for text, training in plan.pieces("Reading"):
+            has_text = has_text or not text.isspace()
+            if settings.kind == "char":
+                _add_counts(train_counts if training else val_counts, code_points(text))
+            elif training:
+                yield text
+
+    if settings.kind == "bpe":
+        tokenizer: Tokenizer = BPETokenizer.train(training_text(), settings.vocab_size)
+        if tokenizer.vocab_size < settings.vocab_size:
+            warn(f"the training text yields only {tokenizer.vocab_size - 256:,} BPE merges, so the vocabulary "
+                 f"holds {tokenizer.vocab_size:,} tokens instead of data.vocab_size={settings.vocab_size:,}")
+    else:
+        for _ in training_text():
+            pass
+    if not has_text:
+        raise UserError(f"{plan.names}: the text is only whitespace; there is nothing to learn from")
+    if settings.kind == "char" and settings.min_char_frequency > train_counts.max():
+        # Every character would be the unknown token: a one-token model has nothing to learn.
+        raise UserError(f"data.min_char_frequency = {settings.min_char_frequency:,} is more than the count of every "
+                        f"character in the training text of {plan.names} (the most frequent occurs "
+                        f"{int(train_counts.max()):,} times); lower it, e.g. --set data.min_char_frequency=1")
+    if settings.kind != "bpe":
+        tokenizer = ByteTokenizer() if settings.kind == "byte" else \
+            CharTokenizer.fit(train_counts, settings.min_char_frequency, reserve_unknown=True)
+    if settings.kind == "char":
+        unseen = int(np.count_nonzero((val_counts > 0) & (train_counts < settings.min_char_frequency)))
+        if unseen:
+            warn(f"{unseen} distinct character(s) in the validation text never occur (often enough) in the "
+                 f"training text; they map to the unknown token")
+    return tokenizer
+
+
 def _add_counts(counts: np.ndarray, cps: np.ndarray) -> None:
     # Histogram only up to the largest code point present: far less than all 1.1M for most chunks.
     if len(cps):
@@ -323,26 +440,33 @@ def _add_counts(counts: np.ndarray, cps: np.ndarray) -> None:
         counts[: len(hist)] += hist
 
 
-def encode_files(paths: list[str | Path], tokenizer: CharTokenizer) -> np.ndarray:
-    """Tokenize DATA with an existing tokenizer (for evaluation); characters it cannot represent are an error."""
+@dataclass
+class EncodedText:
+    """Text to score, encoded with a model's tokenizer."""
+
+    tokens: np.ndarray
+    num_chars: int
+    unknown_chars: int  # characters outside the vocabulary, encoded as the unknown token
+
+
+def encode_files(paths: list[str | Path], tokenizer: Tokenizer, strict: bool = False) -> EncodedText:
+    """Tokenize DATA with an existing tokenizer (for evaluation). Characters outside its vocabulary become the
+    unknown token and are counted; with `strict` (or without an unknown token) they are an error."""
     files = find_text_files(paths)
-    parts, unknown = [], 0
+    parts, chars, unknown = [], 0, 0
     for path in files:
         for offset, data in iter_byte_chunks(path):
             text = decode_chunk(path, offset, data)
+            chars += len(text)
+            if tokenizer.unknown_chars(text):
+                tokenizer.encode(text, what=f"file {path}", strict=strict)  # raises when they are refused
             ids = tokenizer.encode_array(text)
-            missing = ids < 0 if not tokenizer.has_unknown else ids == tokenizer.unknown_id
-            if missing.any():
-                if not tokenizer.has_unknown:
-                    tokenizer.encode(text, what=f"file {path}")  # raises, naming the unseen characters
-                unknown += int(missing.sum())
+            unknown += int(np.count_nonzero(ids == tokenizer.unknown_id)) if tokenizer.has_unknown else 0
             parts.append(ids.astype(tokenizer.dtype))
-    if unknown:
-        warn(f"{unknown:,} character(s) are outside the model's vocabulary and count as the unknown token")
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=tokenizer.dtype)
     if len(tokens) < 2:
-        raise UserError(f"{', '.join(map(str, files))}: too little text to evaluate (need at least 2 characters)")
-    return tokens
+        raise UserError(f"{', '.join(map(str, files))}: too little text to evaluate (need at least 2 tokens)")
+    return EncodedText(tokens, chars, unknown)
 
 
 # ----------------------------------------------------------------------------------------------------------

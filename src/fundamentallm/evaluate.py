@@ -1,21 +1,24 @@
-"""Scoring a model on text: loss (nats per character), perplexity and bits per character.
+"""Scoring a model on text: loss (nats per token), perplexity (per token) and bits per character.
 
-`estimate_loss` is the one place that scores: the training loop's evaluations and `fundamentallm evaluate` both
-use it.
+`score_tokens` is the one place that scores: the training loop's evaluations (through `estimate_loss`) and
+`fundamentallm evaluate` both use it. Bits per character are the total bits over the text divided by its
+characters, so that char, byte and BPE models can be ranked on the same text.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fundamentallm import distributed
 from fundamentallm.checkpoint import Checkpoint, load_model
 from fundamentallm.console import Progress
-from fundamentallm.data import as_tensor, encode_files, eval_windows, gather_windows, prepare_tokens
+from fundamentallm.data import EncodedText, as_tensor, encode_files, eval_windows, gather_windows, prepare_data
 from fundamentallm.device import autocast_dtype, select_device
 from fundamentallm.errors import UserError
 from fundamentallm.metrics import bits_per_char, perplexity
@@ -24,15 +27,29 @@ from fundamentallm.model import GPT
 PROGRESS_MIN = 256  # windows: below this an evaluation takes a moment and needs no bar
 
 
+@dataclass
+class Score:
+    nats: float  # summed over every prediction
+    predictions: int
+    unknown_nats: float = 0.0  # the part of `nats` spent predicting the unknown token
+    unknown_predictions: int = 0
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per predicted token (nats)."""
+        return self.nats / self.predictions if self.predictions else math.nan
+
+
 @torch.no_grad()
-def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int, device: torch.device,
-                  amp: torch.dtype | None = None, max_windows: int = 0,
-                  dist: distributed.Dist = distributed.SINGLE, progress: bool = False) -> float:
-    """Mean cross-entropy (nats per token) over `tokens`, every prediction counted once, at the model's context
-    length (see data.eval_windows). Under torchrun the windows are shared out and the sums all-reduced. With
-    `progress`, a bar counts the windows (for long texts: `fundamentallm evaluate` is otherwise silent)."""
+def score_tokens(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int, device: torch.device,
+                 amp: torch.dtype | None = None, max_windows: int = 0, dist: distributed.Dist = distributed.SINGLE,
+                 unknown_id: int = -1, progress: bool = False) -> Score:
+    """Cross-entropy over `tokens`, every prediction counted once, at the model's context length (see
+    data.eval_windows); predictions of `unknown_id` are also summed apart. Under torchrun the windows are shared
+    out and the sums all-reduced. With `progress`, a bar counts the windows (`fundamentallm evaluate` is
+    otherwise silent on long texts)."""
     windows = eval_windows(len(tokens), model.context_length, max_windows)[dist.rank :: dist.world_size]
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     by_length: dict[int, list[int]] = {}
@@ -42,64 +59,87 @@ def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int
     for length, starts in by_length.items():
         for i in range(0, len(starts), batch_size):
             batch = gather_windows(tokens, torch.tensor(starts[i : i + batch_size]), length, device)
+            targets = batch[:, 1:].reshape(-1)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                _, loss = model(batch[:, :-1], batch[:, 1:])
-            count = batch.size(0) * (length - 1)
-            totals += torch.stack([loss.double() * count, torch.tensor(float(count), device=device,
-                                                                       dtype=torch.float64)])
+                logits, _ = model(batch[:, :-1])
+            flat, count = logits.reshape(-1, logits.size(-1)).float(), len(targets)
+            # The mean in float32, as the model's own loss: the same numbers as training reports.
+            totals[:2] += torch.stack([F.cross_entropy(flat, targets).double() * count,
+                                       torch.tensor(float(count), device=device, dtype=torch.float64)])
+            if unknown_id >= 0:
+                unknown = (targets == unknown_id).double()  # a mask, not an index: no host-device sync
+                nats = F.cross_entropy(flat, targets, reduction="none").double()
+                totals[2:] += torch.stack([(nats * unknown).sum(), unknown.sum()])
             if bar is not None:
                 bar.update(batch.size(0))
     if bar is not None:
         bar.close(final_line=False)
     model.train(was_training)
     distributed.all_reduce_sum(dist, totals)
-    if totals[1] == 0:
-        return float("nan")
-    return (totals[0] / totals[1]).item()
+    nats, predictions, unknown_nats, unknown_predictions = totals.tolist()
+    return Score(nats, int(predictions), unknown_nats, int(unknown_predictions))
+
+
+def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int, device: torch.device,
+                  amp: torch.dtype | None = None, max_windows: int = 0,
+                  dist: distributed.Dist = distributed.SINGLE) -> float:
+    """Mean cross-entropy (nats per token) over `tokens` (see score_tokens)."""
+    return score_tokens(model, tokens, batch_size, device, amp, max_windows, dist).loss
 
 
 @dataclass
 class Evaluation:
     checkpoint: str
     data: str
+    tokenizer: str  # char, byte or bpe
+    characters: int
     tokens: int
-    predictions: int  # tokens - 1: the first character has nothing before it to be predicted from
-    loss: float
-    perplexity: float
-    bits_per_char: float
+    predictions: int  # tokens - 1: the first token has nothing before it to be predicted from
+    loss_per_token: float  # nats
+    perplexity: float  # per token
+    bits_per_char: float  # total bits over the text / its characters
     context_length: int
+    unknown_characters: int = 0  # characters outside a char model's vocabulary, scored as its unknown token
+    unknown_bits: float = 0.0  # the bits the model spent on them
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def evaluate(checkpoint: Path, data_paths: list[str] | None = None, device: str = "auto",
-             batch_size: int = 32) -> Evaluation:
-    """Loss over every character of DATA (or of the run's own validation split when no DATA is given)."""
+             batch_size: int = 32, strict: bool = False) -> Evaluation:
+    """Loss over every token of DATA (or of the run's own validation split when no DATA is given). Characters
+    the model never saw count as its unknown token, or are refused with `strict`."""
     dev = select_device(device)
     loaded = load_model(checkpoint, dev)
+    tokenizer = loaded.tokenizer
     if data_paths:
-        tokens = encode_files(data_paths, loaded.tokenizer)
+        text = encode_files(data_paths, tokenizer, strict)
         described = ", ".join(data_paths)
     else:
-        tokens, described = _validation_split(loaded.checkpoint)
+        text, described = _validation_split(loaded.checkpoint)
     amp = autocast_dtype(dev, loaded.config.training.use_mixed_precision)
-    loss = estimate_loss(loaded.model, as_tensor(tokens, dev), batch_size, dev, amp, progress=True)
-    return Evaluation(checkpoint=str(checkpoint), data=described, tokens=len(tokens),
-                      predictions=len(tokens) - 1, loss=loss,
-                      perplexity=perplexity(loss), bits_per_char=bits_per_char(loss),
-                      context_length=loaded.model.context_length)
+    score = score_tokens(loaded.model, as_tensor(text.tokens, dev), batch_size, dev, amp,
+                         unknown_id=tokenizer.unknown_id, progress=True)
+    return Evaluation(checkpoint=str(checkpoint), data=described, tokenizer=tokenizer.kind,
+                      characters=text.num_chars, tokens=len(text.tokens), predictions=score.predictions,
+                      loss_per_token=score.loss, perplexity=perplexity(score.loss),
+                      bits_per_char=bits_per_char(score.loss, len(text.tokens), text.num_chars),
+                      context_length=loaded.model.context_length, unknown_characters=text.unknown_chars,
+                      unknown_bits=score.unknown_nats / math.log(2))
 
 
-def _validation_split(checkpoint: Checkpoint) -> tuple[np.ndarray, str]:
-    path, files = checkpoint.path, checkpoint.data.files
-    missing = [f for f in files if not Path(f).exists()]
+def _validation_split(checkpoint: Checkpoint) -> tuple[EncodedText, str]:
+    path, files, val_files = checkpoint.path, checkpoint.data.files, checkpoint.data.val_files
+    missing = [f for f in files + val_files if not Path(f).exists()]
     if not files or missing:
         raise UserError(f"{path} was trained on {', '.join(missing or files) or 'unknown files'}, which "
                         f"cannot be found now; pass the text to evaluate on: fundamentallm evaluate {path} DATA")
-    training = checkpoint.config.training
-    data = prepare_tokens(files, training.validation_split, checkpoint.config.data.min_char_frequency)
+    data = prepare_data(checkpoint.config, files, val_files or None)
     if data.fingerprint != checkpoint.data.fingerprint:
-        raise UserError(f"the training data of {path} ({', '.join(files)}) changed since training, so its "
-                        f"validation split is no longer known; pass the text to evaluate on as DATA")
-    return data.val, f"validation split of {', '.join(Path(f).name for f in files)}"
+        raise UserError(f"the training data of {path} ({', '.join(files + val_files)}) changed since training, so "
+                        f"its validation split is no longer known; pass the text to evaluate on as DATA")
+    unknown = int(np.count_nonzero(data.val == data.tokenizer.unknown_id)) if data.tokenizer.has_unknown else 0
+    where = ", ".join(Path(f).name for f in val_files) if val_files else \
+        f"validation split of {', '.join(Path(f).name for f in files)}"
+    return EncodedText(data.val, data.val_chars, unknown), where

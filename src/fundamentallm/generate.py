@@ -1,6 +1,8 @@
 """Text generation: sampling as pure functions over logits, and a streaming decoder with a KV cache.
 
 Each new token runs the model over one position, reusing the cached keys and values of all earlier ones.
+A byte or BPE token may end inside a character: the text is
+decoded by the tokenizer's stream decoder, which holds incomplete UTF-8 sequences back until they complete.
 When the text outgrows the context, the window slides: the cache is rebuilt from the last half-context of
 tokens (one batched forward pass every context/2 tokens), so the cost per token stays flat however long the
 text gets.
@@ -14,19 +16,7 @@ import torch
 
 from fundamentallm.errors import UserError
 from fundamentallm.model import GPT
-from fundamentallm.tokenizer import CharTokenizer
-
-
-def encode_prompt(tokenizer: CharTokenizer, text: str, context: int) -> list[int]:
-    """Token ids of a prompt, leaving room in the context for the first new token. An empty prompt starts from
-    a line break (token 0 when the model knows none). Unseen characters or a prompt too long: a UserError."""
-    ids = tokenizer.encode(text, what="prompt")
-    if len(ids) >= context:
-        raise UserError(f"the prompt is {len(ids):,} characters, but this model's context holds {context:,}; "
-                        f"shorten it to fewer than {context:,} characters")
-    if not ids:
-        ids = tokenizer.encode("\n") if "\n" in tokenizer.chars else [0]
-    return ids
+from fundamentallm.tokenizer import Tokenizer
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -87,3 +77,17 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperat
             logits, _ = model(torch.tensor([tokens[-keep:]], device=device), cache=cache)
         else:
             logits, _ = model(torch.tensor([[next_id]], device=device), cache=cache)
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, context: int, strict: bool = False) -> tuple[list[int], list[str]]:
+    """The prompt's token ids, and the characters in it that the model never saw (they become its unknown
+    token; `strict` refuses them instead). An empty prompt starts from a line break when the model knows one."""
+    unseen = tokenizer.unknown_chars(text)
+    ids = tokenizer.encode(text, what="prompt", strict=strict)
+    unit = "characters" if tokenizer.kind == "char" else "tokens"
+    if len(ids) >= context:
+        raise UserError(f"the prompt is {len(ids):,} {unit}, but this model's context holds {context:,}; "
+                        f"shorten it to fewer than {context:,} {unit}")
+    if not ids:
+        ids = [0] if tokenizer.unknown_chars("\n") else tokenizer.encode("\n")
+    return ids, unseen

@@ -118,8 +118,8 @@ def suggest(lrs: list[float], smoothed: list[float]) -> Suggestion:
 
 
 def range_test(config: Config, data_paths: list[str], *, device: str = "auto", start_lr: float = START_LR,
-               end_lr: float = END_LR, num_steps: int = NUM_STEPS,
-               diverge_factor: float = DIVERGE_FACTOR) -> RangeTest:
+               end_lr: float = END_LR, num_steps: int = NUM_STEPS, diverge_factor: float = DIVERGE_FACTOR,
+               val_paths: list[str] | None = None) -> RangeTest:
     """Train a fresh model with an exponentially increasing learning rate; stop when the loss diverges."""
     if not 0 < start_lr < end_lr:
         raise UserError(f"--start-lr {start_lr:g} must be positive and below --end-lr {end_lr:g}")
@@ -131,7 +131,7 @@ def range_test(config: Config, data_paths: list[str], *, device: str = "auto", s
         raise UserError("the learning-rate range test runs in one process; run 'fundamentallm lr-find' once "
                         "without torchrun and pass the suggested rate with --learning-rate")
     cfg = config.training
-    run = setup_run(config, data_paths, select_device(device))  # exactly what `train` builds
+    run = setup_run(config, data_paths, select_device(device), val_paths=val_paths)  # exactly what `train` builds
     info(f"LR range test: up to {num_steps} steps, learning rate {start_lr:.0e} -> {end_lr:.0e} (x"
          f"{(end_lr / start_lr) ** (1 / max(1, num_steps - 1)):.3f} per step), fresh model of "
          f"{run.model.num_parameters():,} parameters on {run.device}, batch {cfg.batch_size} x "
@@ -188,13 +188,13 @@ def _write_csv(path: Path, test: RangeTest) -> None:
 
 def find_lr(config: Config, data_paths: list[str], output_dir: Path, *, device: str = "auto",
             start_lr: float = START_LR, end_lr: float = END_LR, num_steps: int = NUM_STEPS,
-            diverge_factor: float = DIVERGE_FACTOR) -> LRFindResult:
+            diverge_factor: float = DIVERGE_FACTOR, val_paths: list[str] | None = None) -> LRFindResult:
     """Run the range test, print the suggestion and why, write lr_find.csv and (with matplotlib) lr_find.png."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"-o {output_dir} is a file, not a directory")
     test = range_test(config, data_paths, device=device, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
-                      diverge_factor=diverge_factor)
+                      diverge_factor=diverge_factor, val_paths=val_paths)
     choice = suggest(test.lrs, test.smoothed)
     if test.stop_reason:
         info(f"Stopped after {len(test.lrs)} steps: {test.stop_reason}")
@@ -220,13 +220,13 @@ def find_lr(config: Config, data_paths: list[str], output_dir: Path, *, device: 
 
 
 def auto_learning_rate(config: Config, data_paths: list[str], output_dir: Path, *, device: str = "auto",
-                       overwrite: bool = False) -> Config:
+                       overwrite: bool = False, val_paths: list[str] | None = None) -> Config:
     """`train --learning-rate auto`: run the range test (its CSV and plot go into the run directory) and return
     the config with the suggested rate."""
     with hold(output_dir):  # no other run may start here while the range test writes (train re-checks after)
         # Refuse an occupied output directory now, not after the range test has taken its minute.
         check_output_dir(Path(output_dir), resume_path=None, overwrite=overwrite)
-        result = find_lr(config, data_paths, output_dir, device=device)
+        result = find_lr(config, data_paths, output_dir, device=device, val_paths=val_paths)
     tuned = config.model_copy(deep=True)
     tuned.training.learning_rate = float(f"{result.suggestion.lr:.3g}")
     info(f"Training with learning rate {tuned.training.learning_rate:g} from the range test")

@@ -5,7 +5,8 @@ crashed run keeps everything up to its last line. Records have "kind": "train" (
 steps) or "eval" (after each evaluation), and "kind": "run" for the first line, which describes the run. When
 the loop ends, for whatever reason, a "kind": "end" record says how (status finished, pruned, interrupted or
 failed), so `fundamentallm status` can tell a finished run from one that is still going or was killed. Every
-record carries "time" (Unix time), so tools can measure from a process's launch.
+record carries "time" (Unix time), so tools can measure from a process's launch. Losses are nats per token; an
+eval record's "bits_per_char" is per character of the validation text, comparable across tokenizers.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ def eta_seconds(steps_left: int, tokens_per_step: int, tokens_per_sec: float) ->
     return max(0, steps_left) * tokens_per_step / tokens_per_sec if tokens_per_sec > 0 else math.inf
 
 
-def bits_per_char(loss_nats: float) -> float:
-    """Bits per character: for a character tokenizer one token is one character."""
-    return loss_nats / math.log(2)
+def bits_per_char(loss_per_token: float, num_tokens: int, num_chars: int) -> float:
+    """Bits per character of a text of `num_chars` characters in `num_tokens` tokens, from the mean loss per
+    token (nats): the total bits over the text divided by its characters. Comparable across tokenizers; for a
+    character tokenizer (one token per character) it is the loss per token in bits."""
+    if num_chars <= 0:
+        return math.nan
+    return loss_per_token * num_tokens / num_chars / math.log(2)
 
 
 class MetricsLog:

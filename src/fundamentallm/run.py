@@ -23,7 +23,7 @@ from fundamentallm import checkpoint as ckpt
 from fundamentallm import distributed
 from fundamentallm.config import Config, TrainingConfig
 from fundamentallm.console import warn
-from fundamentallm.data import BatchSampler, TokenData, as_tensor, prepare_tokens
+from fundamentallm.data import BatchSampler, TokenData, as_tensor, prepare_data
 from fundamentallm.device import (
     autocast_dtype,
     check_memory,
@@ -89,13 +89,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def load_data(config: Config, data_paths: list[str], dist: distributed.Dist = distributed.SINGLE) -> TokenData:
+def load_data(config: Config, data_paths: list[str], dist: distributed.Dist = distributed.SINGLE,
+              val_paths: list[str] | None = None) -> TokenData:
     """The tokenized corpus. Under torchrun the first process on each machine builds that machine's token cache,
     the others then read it; an error on any rank stops every rank cleanly (distributed.collectively)."""
     cfg = config.training
 
     def prepare() -> TokenData:
-        data = prepare_tokens(data_paths, cfg.validation_split, config.data.min_char_frequency)
+        data = prepare_data(config, data_paths, val_paths)
         check_data_size(data, cfg)
         return data
 
@@ -112,23 +113,25 @@ def check_data_size(data: TokenData, cfg: TrainingConfig) -> None:
     need = cfg.sequence_length + 1
     if len(data.train) < need:
         raise UserError(
-            f"the training part of the data holds {len(data.train):,} characters, fewer than one training window "
+            f"the training part of the data holds {len(data.train):,} tokens, fewer than one training window "
             f"(sequence_length {cfg.sequence_length} + 1); use more text"
             + (f" or a smaller --sequence-length (at most {len(data.train) - 1})" if len(data.train) > 2 else ""))
     if len(data.val) < 2:
-        raise UserError(f"the validation part of the data holds {len(data.val)} character(s); raise "
+        raise UserError(f"the validation part of the data holds {len(data.val)} token(s); raise "
                         f"training.validation_split or use more text")
 
 
 def setup_run(config: Config, data_paths: list[str], device: torch.device,
-              dist: distributed.Dist = distributed.SINGLE, resume: ckpt.Checkpoint | None = None) -> Run:
+              dist: distributed.Dist = distributed.SINGLE, resume: ckpt.Checkpoint | None = None,
+              val_paths: list[str] | None = None) -> Run:
     """Data, model, optimizer, precision, gradient scaler and sampler on `device`; restored from `resume` when
     given; wrapped for DDP and torch.compile last."""
     cfg = config.training
-    data = load_data(config, data_paths, dist)
+    data = load_data(config, data_paths, dist, val_paths)
     with distributed.collectively(dist):
         if resume is not None:
             ckpt.check_resume_compatible(resume, config, data)
+            data.tokenizer = resume.tokenizer  # the model's own (see check_resume_compatible)
         check_fits(config, data.tokenizer.vocab_size, device)
     check_same_everywhere(config, data, dist)
     # Each rank its own seed, so that dropout masks differ between ranks; rank 0's is the single-process seed,

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from fundamentallm.checkpoint import find_resumable
 from fundamentallm.config import Config, parse_value, resolve_config
 from fundamentallm.console import info, warn
-from fundamentallm.data import prepare_tokens
+from fundamentallm.data import prepare_data
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.metrics import read_metrics
 from fundamentallm.plot import plot_finished_run
@@ -252,7 +252,7 @@ def run_search(config_name: str | None, overrides: list[tuple[str, Any, str]], s
     base = check_space(config_name, overrides, axes)
     _import_optuna()  # a missing Optuna is said before the data is read
     # DATA that cannot be read would fail every trial the same way: say so once, before the study is created.
-    prepare_tokens(data_paths, base.training.validation_split, base.data.min_char_frequency)
+    prepare_data(base, data_paths)
     # As the study stores it (JSON), so that a resumed command compares equal.
     signature = json.loads(json.dumps({"search": method, "prune": prune, "space": {a.key: a.spec for a in axes},
                                        "config": base.to_dict()}))

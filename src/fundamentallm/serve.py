@@ -264,7 +264,7 @@ def _jobs(served: Served, params: CompletionRequest, emit: Any) -> tuple[list[Jo
     context, device = engine.model.context_length, next(engine.model.parameters()).device
     stops = [params.stop] if isinstance(params.stop, str) else params.stop or []
     try:
-        encoded = [encode_prompt(engine.tokenizer, text, context) for text in prompts]
+        encoded = [encode_prompt(engine.tokenizer, text, context, strict=True)[0] for text in prompts]
     except UserError as exc:
         raise ApiError(400, str(exc), param="prompt", code="invalid_prompt") from None
     jobs = []

@@ -29,7 +29,7 @@ import yaml
 from fundamentallm.checkpoint import find_resumable
 from fundamentallm.config import Config, config_from_dict, parse_value, resolve_config
 from fundamentallm.console import duration, info, warn
-from fundamentallm.data import prepare_tokens
+from fundamentallm.data import prepare_data
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write_bytes
 from fundamentallm.metrics import read_metrics
@@ -151,7 +151,8 @@ def summarize(run: SweepRun) -> dict[str, Any]:
     evals = [r for r in records if r.get("kind") == "eval" and math.isfinite(r.get("val_loss", math.nan))]
     trains = [r for r in records if r.get("kind") == "train"]
     stepped = [r for r in records if "step" in r]
-    best = min((r["val_loss"] for r in evals), default=math.nan)
+    best_eval = min(evals, key=lambda r: r["val_loss"], default=None)
+    best = best_eval["val_loss"] if best_eval else math.nan
     # Training throughput over the logged windows (evaluation and saving excluded): tokens over time, each
     # window weighted by its number of steps.
     windows = [(r["step"] - prev["step"], r["tokens_per_sec"])
@@ -161,7 +162,8 @@ def summarize(run: SweepRun) -> dict[str, Any]:
     row: dict[str, Any] = {"rank": 0, **{k.split(".", 1)[1]: v for k, v in run.params.items()}}
     row.update({
         "best_val_loss": best,
-        "best_bpc": best / math.log(2),
+        # bits per character as the run computed them (per token x tokens per character of the validation text)
+        "best_bpc": best_eval.get("bits_per_char", best / math.log(2)) if best_eval else math.nan,
         "train_loss": trains[-1]["train_loss"] if trains else math.nan,  # the last record's, as in `status`
         "steps": stepped[-1]["step"] if stepped else 0,
         "time_s": stepped[-1].get("elapsed", math.nan) if stepped else math.nan,
@@ -238,7 +240,7 @@ class SweepResult:
 
 def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], grids: list[str],
               data_paths: list[str], output_dir: Path, *, device: str = "auto",
-              tensorboard: bool = False) -> SweepResult:
+              tensorboard: bool = False, val_paths: list[str] | None = None) -> SweepResult:
     """Train every combination not finished yet; print and save the table sorted by best validation loss."""
     output_dir = Path(output_dir)
     axes = parse_grid(grids)
@@ -248,12 +250,12 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
          f"{output_dir}/")
     # DATA that cannot be read would fail every run the same way: say so once, before anything runs. The tokens
     # are cached, so the runs do not tokenize again.
-    prepare_tokens(data_paths, runs[0].config.training.validation_split, runs[0].config.data.min_char_frequency)
+    prepare_data(runs[0].config, data_paths, val_paths)
     interrupted_by: int | None = None
     with hold(output_dir):  # one sweep at a time in a directory (each run holds its own directory too)
         for index, run in enumerate(runs, start=1):
             interrupted_by = _run_one(run, f"[{index}/{len(runs)}] {run.name}", data_paths, config_name, device,
-                                      tensorboard)
+                                      tensorboard, val_paths)
             run.row = summarize(run)
             write_results(sorted_rows(runs), csv_path)
             info()
@@ -281,7 +283,7 @@ def show_results(rows: list[dict[str, Any]], planned: int, output_dir: Path, csv
 
 
 def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str | None, device: str,
-             tensorboard: bool) -> int | None:
+             tensorboard: bool, val_paths: list[str] | None) -> int | None:
     """Skip, resume or start one combination; returns the signal that interrupted it, if one did."""
     end = last_end(run.directory)
     if end is not None and end.get("status") == "finished" and (run.directory / FINAL).exists():
@@ -302,7 +304,8 @@ def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str 
         info(f"{label}")
     try:
         result = train(run.config, data_paths, run.directory, device=device, resume_from=resume_from,
-                       overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium")
+                       overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium",
+                       val_paths=val_paths)
     except (TrainingFailed, UserError) as exc:
         # A learning rate too high for this batch, or a sequence length the data is too short for: a result for
         # this combination, not a reason to drop the others.

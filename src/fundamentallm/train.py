@@ -62,8 +62,10 @@ class TrainResult:
 
 def train(config: Config, data_paths: list[str], output_dir: Path, *, device: str = "auto",
           resume_from: ckpt.Checkpoint | None = None, overwrite: bool = False, tensorboard: bool = False,
-          config_origin: str = "", on_eval: Callable[[int, float], bool] | None = None) -> TrainResult:
-    """Train a model on DATA as `config` says, writing checkpoints and metrics into `output_dir`.
+          config_origin: str = "", on_eval: Callable[[int, float], bool] | None = None,
+          val_paths: list[str] | None = None) -> TrainResult:
+    """Train a model on DATA as `config` says (validating on `val_paths` when given, else on the end of DATA),
+    writing checkpoints and metrics into `output_dir`.
 
     `on_eval(step, val_loss)`, when given, is called after each evaluation (a search uses it to prune hopeless
     runs); when it returns True the run ends there as early stopping would end it, recorded as pruned."""
@@ -80,16 +82,17 @@ def train(config: Config, data_paths: list[str], output_dir: Path, *, device: st
                     if resume_from is not None:
                         ckpt.check_resume_in_place(resume_from, output_dir)
             return _train(config, data_paths, output_dir, dev, dist, resume_from, earlier_run, tensorboard,
-                          config_origin, on_eval)
+                          config_origin, on_eval, val_paths)
     finally:
         distributed.shutdown(dist)
 
 
 def _train(config: Config, data_paths: list[str], output_dir: Path, dev: torch.device, dist: distributed.Dist,
            resume_from: ckpt.Checkpoint | None, earlier_run: list[str], tensorboard: bool,
-           config_origin: str, on_eval: Callable[[int, float], bool] | None) -> TrainResult:
+           config_origin: str, on_eval: Callable[[int, float], bool] | None,
+           val_paths: list[str] | None) -> TrainResult:
     """Set up, check what is left to do, write config.yaml, then run the loop."""
-    run = setup_run(config, data_paths, dev, dist, resume=resume_from)
+    run = setup_run(config, data_paths, dev, dist, resume=resume_from, val_paths=val_paths)
     run.on_eval = on_eval
     total_steps = plan_steps(run, resumed=resume_from is not None, output_dir=output_dir)
     with distributed.collectively(dist):
@@ -208,7 +211,7 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
     if run.dist.is_main:  # a finished run has nothing left to resume from an interruption
         (output_dir / INTERRUPTED).unlink(missing_ok=True)
     info(f"Done: {state.step:,} steps in {duration(state.elapsed_seconds)}; best val_loss "
-         f"{state.best_val_loss:.4f} ({bits_per_char(state.best_val_loss):.3f} bits/char). "
+         f"{state.best_val_loss:.4f} ({val_bits_per_char(run, state.best_val_loss):.3f} bits/char). "
          f"Checkpoints in {output_dir}/")
     return None
 
@@ -254,7 +257,7 @@ def evaluate(run: Run, log: MetricsLog | None, output_dir: Path) -> bool:
     if log is not None:
         log.write({"kind": "eval", "step": state.step, "epoch": state.epochs_done + 1,
                    "train_loss": state.train_loss, "val_loss": val_loss, "perplexity": perplexity(val_loss),
-                   "bits_per_char": bits_per_char(val_loss), "elapsed": run.elapsed(),
+                   "bits_per_char": val_bits_per_char(run, val_loss), "elapsed": run.elapsed(),
                    **({"sample": sample} if sample is not None else {})})
     if improved and cfg.save_best:
         save_checkpoint(run, output_dir / BEST, resumable=False)
@@ -295,7 +298,7 @@ def end_epoch(run: Run, log: MetricsLog | None, output_dir: Path, stopped_early:
         state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = 0, 0.0, 0
     state.elapsed_seconds = run.elapsed()
     info(f"  epoch_train_loss={epoch_loss:.4f}, val_loss={state.val_loss:.4f}, "
-         f"perplexity={perplexity(state.val_loss):.2f}, bpc={bits_per_char(state.val_loss):.3f}"
+         f"perplexity={perplexity(state.val_loss):.2f}, bpc={val_bits_per_char(run, state.val_loss):.3f}"
          + ("  (best)" if state.evals_without_improvement == 0 else ""))  # a new low, not a tie
     if epoch_complete and state.epochs_done % cfg.save_every_n_epochs == 0:
         save_checkpoint(run, output_dir / periodic_name(epoch))
@@ -363,6 +366,11 @@ def settle_plan(run: Run, total_steps: int, seconds_per_step: float, config_orig
 def epochs_of(run: Run, total_steps: int) -> int:
     """How many epochs (the last maybe partial) `total_steps` covers: what the bar counts to."""
     return max(run.progress.epochs_done + 1, -(-total_steps // run.steps_per_epoch))
+
+
+def val_bits_per_char(run: Run, val_loss: float) -> float:
+    """Bits per character of the validation text, from a loss per token measured on it (or on part of it)."""
+    return bits_per_char(val_loss, len(run.data.val), run.data.val_chars)
 
 
 def save_checkpoint(run: Run, path: Path, resumable: bool = True) -> None:
@@ -516,7 +524,8 @@ def print_header(run: Run, total_steps: int, output_dir: Path, resume_from: ckpt
     info(f"Device: {run.device}{threads}, {PRECISION_NAMES[run.amp]}, torch.compile "
          f"{'on' if run.compiled else 'off'}" + (f", {dist.world_size} processes" if dist.enabled else "")
          + (machine_load_note() if run.device.type == "cpu" else ""))
-    info(f"Data: {files}: {data.num_chars:,} characters, vocabulary {data.tokenizer.vocab_size}; "
+    val_from = f" (validation: {', '.join(f.name for f in data.val_files[:3])})" if data.val_files else ""
+    info(f"Data: {files}{val_from}: {data.num_chars:,} characters, {data.tokenizer.describe()}; "
          f"train {len(data.train):,} / validation {len(data.val):,} tokens"
          + (" (token cache)" if data.from_cache else _tokenized(data)))
     info(f"Model: {config_origin or 'config'}: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, "
