@@ -182,20 +182,31 @@ def _float_flag(value: str | None, flag: str) -> float | None:
 @click.option("--resume", metavar="PATH|auto",
               help="Continue from a checkpoint, or from the newest one in the output directory (auto).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in the output directory.")
+@click.option("--init-from", metavar="CHECKPOINT|DIR",
+              help="Fine-tune: start a new run from this model's weights (a .pt or an exported safetensors "
+                   "directory), with its tokenizer and shape, a fresh optimizer and schedule, on DATA.")
+@click.option("--extend-vocab", is_flag=True,
+              help="With --init-from: give the new text's unseen characters tokens of their own (fresh rows).")
 @_val_data_option()
 @_tensorboard_option()
 def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | None, batch_size: int | None,
           epochs: int | None, max_steps: int | None, time_budget: str | None, sequence_length: int | None,
           seed: int | None, device: str, output_dir: Path, assignments: tuple[str, ...], resume: str | None,
-          overwrite: bool, val_data: tuple[str, ...], tensorboard: bool) -> None:
+          overwrite: bool, init_from: str | None, extend_vocab: bool, val_data: tuple[str, ...],
+          tensorboard: bool) -> None:
     """Train a model on DATA: one or more text files, or directories of .txt files."""
+    from fundamentallm.checkpoint import read_checkpoint
     from fundamentallm.config import resolve_config
     from fundamentallm.plot import plot_finished_run
-    from fundamentallm.run import resolve_resume
+    from fundamentallm.run import FineTune, init_base, resolve_resume
     from fundamentallm.train import train as run_training
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; use one")
+    if init_from and resume:
+        raise UserError("--init-from starts a new run and --resume continues one; use one")
+    if extend_vocab and not init_from:
+        raise UserError("--extend-vocab grows the vocabulary of the model given with --init-from; give that too")
     resume_from = resolve_resume(resume, output_dir, list(data))
     if not data:
         if resume_from is None:
@@ -205,14 +216,17 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
         val_data = tuple(resume_from.data.val_files)
 
     auto_lr = learning_rate is not None and learning_rate.strip().lower() == "auto"
-    if auto_lr and resume_from is not None:
-        raise UserError("--learning-rate auto tunes a new run; a resumed run keeps its rate (or give a number)")
+    if auto_lr and (resume_from is not None or init_from):
+        raise UserError("--learning-rate auto tests fresh models; with --resume or --init-from give a number")
     overrides = _overrides(assignments, learning_rate=None if auto_lr else _float_flag(learning_rate,
                                                                                       "--learning-rate"),
                            batch_size=batch_size, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
                            sequence_length=sequence_length, seed=seed)
-    base = (resume_from.config.to_dict(), f"checkpoint {resume_from.path}") if resume_from else None
+    init_checkpoint = read_checkpoint(init_from) if init_from else None
+    base = (resume_from.config.to_dict(), f"checkpoint {resume_from.path}") if resume_from else \
+        init_base(init_checkpoint) if init_checkpoint else None
     config = resolve_config(config_name, overrides, base=base)
+    init = FineTune(init_checkpoint, config, list(data), extend_vocab) if init_checkpoint else None
     if auto_lr:
         from fundamentallm.lr_finder import auto_learning_rate
 
@@ -221,7 +235,7 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     result = run_training(config, list(data), output_dir, device=device, resume_from=resume_from,
                           overwrite=overwrite, tensorboard=tensorboard,
                           config_origin=config_name or (base[1] if base else "medium (default)"),
-                          val_paths=list(val_data))
+                          val_paths=list(val_data), init=init)
     if result.interrupted_by is not None:
         sys.exit(128 + result.interrupted_by)  # the shell convention for "ended by signal N"
     if result.wrote_files:

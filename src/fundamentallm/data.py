@@ -173,6 +173,7 @@ class TokenizerSettings:
     kind: str = "char"
     vocab_size: int = 0  # bpe only
     min_char_frequency: int = 1  # char only
+    given: str = ""  # a tokenizer to use as it is (its JSON), instead of fitting one: fine-tuning keeps its own
 
 
 def default_cache_dir() -> Path:
@@ -202,6 +203,8 @@ def _fingerprint(files: list[Path], val_files: list[Path], validation_split: flo
                  "min_char_frequency": settings.min_char_frequency}
     if settings.kind != "char":
         key.update(tokenizer=settings.kind, vocab_size=settings.vocab_size if settings.kind == "bpe" else None)
+    if settings.given:
+        key.update(given=hashlib.sha256(settings.given.encode()).hexdigest())
     digest.update(json.dumps(key).encode())
     all_files = [*files, *val_files]
     sizes = [_file_size(path) for path in all_files]
@@ -291,6 +294,7 @@ def prepare_tokens(
     tokenizer: str = "char",
     vocab_size: int = 0,
     val_paths: list[str | Path] | None = None,
+    given: Tokenizer | None = None,
 ) -> TokenData:
     """Tokenize DATA (or reuse the cached tokens) and split it into train and validation: by position (the last
     `validation_split` of the characters validate), or, with `val_paths`, training on DATA and validating on those."""
@@ -300,7 +304,8 @@ def prepare_tokens(
     if both:
         raise UserError(f"{sorted(both)[0]} is given both as DATA and with --val-data; validation text must be "
                         f"text the model does not train on")
-    settings = TokenizerSettings(tokenizer, vocab_size, min_char_frequency)
+    settings = TokenizerSettings(tokenizer, vocab_size, min_char_frequency,
+                                 json.dumps(given.to_dict(), sort_keys=True) if given is not None else "")
     key = _fingerprint(files, val_files, validation_split, settings)
     cache_dir = Path(cache_dir or default_cache_dir()) / key
     meta = _load_cache(cache_dir)
@@ -322,10 +327,19 @@ def prepare_tokens(
 
 
 def prepare_data(config: Config, paths: list[str | Path], val_paths: list[str | Path] | None = None,
-                 cache_dir: Path | None = None) -> TokenData:
-    """`prepare_tokens` with the split and tokenizer settings of `config`."""
+                 cache_dir: Path | None = None, given: Tokenizer | None = None) -> TokenData:
+    """`prepare_tokens` with the split and tokenizer settings of `config` (or the `given` tokenizer)."""
     return prepare_tokens(paths, config.training.validation_split, config.data.min_char_frequency, cache_dir,
-                          tokenizer=config.data.tokenizer, vocab_size=config.data.vocab_size, val_paths=val_paths)
+                          tokenizer=config.data.tokenizer, vocab_size=config.data.vocab_size, val_paths=val_paths,
+                          given=given)
+
+
+def characters_in(paths: list[str | Path]) -> set[str]:
+    """Every distinct character of the text in `paths` (one streamed pass, bounded memory)."""
+    seen = np.zeros(MAX_CODE_POINT, dtype=bool)
+    for _, text in _stream_text(find_text_files(paths), "Reading", 0):
+        seen[code_points(text)] = True
+    return {chr(int(cp)) for cp in np.flatnonzero(seen)}
 
 
 def _names(files: list[Path]) -> str:
@@ -358,7 +372,7 @@ def _load_cache(cache_dir: Path) -> dict | None:
 
 def _build_cache(plan: _Plan, cache_dir: Path, settings: TokenizerSettings) -> dict:
     # Pass 1 (after measuring): validate the text and fit the tokenizer on the training part.
-    tokenizer = _fit(plan, settings)
+    tokenizer = tokenizer_from_dict(json.loads(settings.given)) if settings.given else _fit(plan, settings)
     # Pass 2: encode chunk by chunk straight into the cache file, in the smallest integer type that holds the
     # vocabulary. Every character is in a char tokenizer's vocabulary or maps to its unknown token (always
     # reserved), so the lookup can produce that type directly, with no int64 intermediate.

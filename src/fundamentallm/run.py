@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from fundamentallm import checkpoint as ckpt
 from fundamentallm import distributed
 from fundamentallm.config import Config, TrainingConfig
-from fundamentallm.console import warn
-from fundamentallm.data import BatchSampler, TokenData, as_tensor, prepare_data
+from fundamentallm.console import info, warn
+from fundamentallm.data import BatchSampler, TokenData, as_tensor, characters_in, prepare_data
 from fundamentallm.device import (
     autocast_dtype,
     check_memory,
@@ -37,6 +37,7 @@ from fundamentallm.errors import UserError
 from fundamentallm.model import GPT
 from fundamentallm.optim import Optimizer, make_optimizer
 from fundamentallm.runfiles import RUN_FILES
+from fundamentallm.tokenizer import CharTokenizer, Tokenizer
 
 
 @dataclass
@@ -90,13 +91,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def load_data(config: Config, data_paths: list[str], dist: distributed.Dist = distributed.SINGLE,
-              val_paths: list[str] | None = None) -> TokenData:
+              val_paths: list[str] | None = None, given: Tokenizer | None = None) -> TokenData:
     """The tokenized corpus. Under torchrun the first process on each machine builds that machine's token cache,
     the others then read it; an error on any rank stops every rank cleanly (distributed.collectively)."""
     cfg = config.training
 
     def prepare() -> TokenData:
-        data = prepare_data(config, data_paths, val_paths)
+        data = prepare_data(config, data_paths, val_paths, given=given)
         check_data_size(data, cfg)
         return data
 
@@ -123,11 +124,11 @@ def check_data_size(data: TokenData, cfg: TrainingConfig) -> None:
 
 def setup_run(config: Config, data_paths: list[str], device: torch.device,
               dist: distributed.Dist = distributed.SINGLE, resume: ckpt.Checkpoint | None = None,
-              val_paths: list[str] | None = None) -> Run:
-    """Data, model, optimizer, precision, gradient scaler and sampler on `device`; restored from `resume` when
-    given; wrapped for DDP and torch.compile last."""
+              val_paths: list[str] | None = None, init: FineTune | None = None) -> Run:
+    """Data, model, optimizer, precision, gradient scaler and sampler on `device`; restored from `resume`, or
+    starting from the weights of `init`, when given; wrapped for DDP and torch.compile last."""
     cfg = config.training
-    data = load_data(config, data_paths, dist, val_paths)
+    data = load_data(config, data_paths, dist, val_paths, init.tokenizer if init else None)
     with distributed.collectively(dist):
         if resume is not None:
             ckpt.check_resume_compatible(resume, config, data)
@@ -151,11 +152,73 @@ def setup_run(config: Config, data_paths: list[str], device: torch.device,
               progress=ckpt.TrainingProgress())
     if resume is not None:
         restore_run(run, resume)
+    if init is not None:
+        init.load_into(model, data)
     # DDP wraps the model first and torch.compile wraps DDP: the order PyTorch documents for compiled DDP.
     if dist.enabled:
         run.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     run.step_model = compile_model(run.ddp or model, cfg, device)
     return run
+
+
+class FineTune:
+    """`train --init-from`: a new run (fresh optimizer, schedule and data) that starts from a trained model's
+    weights and keeps its tokenizer. Characters of the new text that a char tokenizer lacks map to its unknown
+    token, or, with `extend_vocab`, become new tokens whose embedding rows start fresh."""
+
+    def __init__(self, checkpoint: ckpt.Checkpoint, config: Config, data_paths: list[str], extend_vocab: bool) -> None:
+        self.checkpoint = checkpoint
+        old = checkpoint.tokenizer
+        diffs = [f"model.{k}: {v!r} in {checkpoint.path}, {getattr(config.model, k)!r} now"
+                 for k, v in checkpoint.config.model.model_dump().items()
+                 if k not in ("dropout", "attention_dropout") and getattr(config.model, k) != v]
+        if config.data.tokenizer != old.kind:
+            diffs.append(f"data.tokenizer: {old.kind} in {checkpoint.path}, {config.data.tokenizer} now")
+        if diffs:
+            raise UserError(f"--init-from keeps the model's shape and tokenizer, but they differ "
+                            f"({'; '.join(diffs[:3])}); leave out --config, or use one with the same model")
+        self.tokenizer: Tokenizer = old
+        if isinstance(old, CharTokenizer):
+            added = sorted(characters_in(data_paths) - set(old.chars)) if extend_vocab else []
+            # Always an unknown token: older char models had none, and new text may hold characters they lack.
+            self.tokenizer = CharTokenizer(old.chars + added, has_unknown=True)
+        elif extend_vocab:
+            raise UserError(f"--extend-vocab grows a char tokenizer; the {old.kind} tokenizer of "
+                            f"{checkpoint.path} already encodes any text")
+
+    def load_into(self, model: GPT, data: TokenData) -> None:
+        """The checkpoint's weights into `model`: old tokens keep their embedding rows (the unknown token moves
+        to the end, after any new characters), new rows keep their fresh initialisation."""
+        old, new = self.checkpoint.tokenizer, self.tokenizer
+        rows = list(range(len(old.chars))) + ([new.unknown_id] if getattr(old, "has_unknown", False) else []) \
+            if isinstance(old, CharTokenizer) else list(range(old.vocab_size))
+        state = model.state_dict()
+        with torch.no_grad():
+            for name, value in self.checkpoint.model_state.items():
+                target = state[name]
+                if name in ("tok_emb.weight", "lm_head.weight"):
+                    target[rows] = value.to(target)
+                elif value.shape != target.shape:
+                    raise UserError(f"--init-from {self.checkpoint.path}: its {name} has shape {tuple(value.shape)}, "
+                                    f"this run's model {tuple(target.shape)}; keep the model's sequence_length")
+                else:
+                    target.copy_(value)
+        unknown = new.unknown_id if isinstance(new, CharTokenizer) else -1
+        count = sum(int(np.count_nonzero(data.train[i : i + (1 << 24)] == unknown))  # in slices: bounded memory
+                    for i in range(0, len(data.train), 1 << 24)) if unknown >= 0 else 0
+        added = new.vocab_size - old.vocab_size
+        info(f"Fine-tuning from {self.checkpoint.path} (step {self.checkpoint.progress.step:,})"
+             + (f"; {added} new token(s) for characters it had not seen" if added > 0 else ""))
+        if count:
+            warn(f"{count:,} character(s) of the training text are not in the model's vocabulary and count as its "
+                 f"unknown token; --extend-vocab gives them tokens of their own")
+
+
+def init_base(checkpoint: ckpt.Checkpoint) -> tuple[dict, str]:
+    """The config a fine-tuning run starts from: the checkpoint's, less the length of the run that made it."""
+    base = checkpoint.config.to_dict()
+    base["training"].update(max_steps=None, time_budget=None)
+    return base, f"checkpoint {checkpoint.path}"
 
 
 def check_fits(config: Config, vocab_size: int, device: torch.device) -> None:

@@ -39,7 +39,7 @@ from fundamentallm.evaluate import estimate_loss
 from fundamentallm.generate import generate_tokens
 from fundamentallm.metrics import MetricsLog, bits_per_char, eta_seconds, perplexity
 from fundamentallm.optim import lr_at, optimizer_step, set_lr, warmup_for
-from fundamentallm.run import Run, setup_run
+from fundamentallm.run import FineTune, Run, setup_run
 from fundamentallm.runfiles import (
     BEST,
     CONFIG,
@@ -63,12 +63,13 @@ class TrainResult:
 def train(config: Config, data_paths: list[str], output_dir: Path, *, device: str = "auto",
           resume_from: ckpt.Checkpoint | None = None, overwrite: bool = False, tensorboard: bool = False,
           config_origin: str = "", on_eval: Callable[[int, float], bool] | None = None,
-          val_paths: list[str] | None = None) -> TrainResult:
+          val_paths: list[str] | None = None, init: FineTune | None = None) -> TrainResult:
     """Train a model on DATA as `config` says (validating on `val_paths` when given, else on the end of DATA),
     writing checkpoints and metrics into `output_dir`.
 
     `on_eval(step, val_loss)`, when given, is called after each evaluation (a search uses it to prune hopeless
-    runs); when it returns True the run ends there as early stopping would end it, recorded as pruned."""
+    runs); when it returns True the run ends there as early stopping would end it, recorded as pruned. `init`
+    starts the new run from a trained model's weights (train --init-from)."""
     output_dir = Path(output_dir)
     dist, dev = distributed.init(select_device(device))  # under torchrun: this process's GPU, cuda:LOCAL_RANK
     set_quiet(not dist.is_main)
@@ -82,7 +83,7 @@ def train(config: Config, data_paths: list[str], output_dir: Path, *, device: st
                     if resume_from is not None:
                         ckpt.check_resume_in_place(resume_from, output_dir)
             return _train(config, data_paths, output_dir, dev, dist, resume_from, earlier_run, tensorboard,
-                          config_origin, on_eval, val_paths)
+                          config_origin, on_eval, val_paths, init)
     finally:
         distributed.shutdown(dist)
 
@@ -90,9 +91,9 @@ def train(config: Config, data_paths: list[str], output_dir: Path, *, device: st
 def _train(config: Config, data_paths: list[str], output_dir: Path, dev: torch.device, dist: distributed.Dist,
            resume_from: ckpt.Checkpoint | None, earlier_run: list[str], tensorboard: bool,
            config_origin: str, on_eval: Callable[[int, float], bool] | None,
-           val_paths: list[str] | None) -> TrainResult:
+           val_paths: list[str] | None, init: FineTune | None) -> TrainResult:
     """Set up, check what is left to do, write config.yaml, then run the loop."""
-    run = setup_run(config, data_paths, dev, dist, resume=resume_from, val_paths=val_paths)
+    run = setup_run(config, data_paths, dev, dist, resume=resume_from, val_paths=val_paths, init=init)
     run.on_eval = on_eval
     total_steps = plan_steps(run, resumed=resume_from is not None, output_dir=output_dir)
     with distributed.collectively(dist):
