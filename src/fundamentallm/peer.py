@@ -12,6 +12,7 @@ timestamped as they arrive.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -49,6 +50,7 @@ class PeerQuality:
     step_at_target: int | None
     best_val_loss: float
     wall_seconds: float
+    best_bits_per_char: float  # nanoGPT's shakespeare_char model: one token per character
 
 
 class Peer:
@@ -128,8 +130,9 @@ class Peer:
         hit = next((e for e in evals if e[1] <= target), None)
         if not evals:
             raise UserError("nanoGPT's recipe printed no evaluation", exit_code=1)
-        return PeerQuality(f"nanoGPT {RECIPE}", target, hit[2] if hit else None, hit[0] if hit else None,
-                           min(e[1] for e in evals), evals[-1][2])
+        best = min(e[1] for e in evals)
+        return PeerQuality(f"nanoGPT {RECIPE}", target, hit[2] if hit else None, hit[0] if hit else None, best,
+                           evals[-1][2], best / math.log(2))
 
 
 def device_args(device: str) -> list[str]:
