@@ -151,11 +151,7 @@ def read_checkpoint(path: Path | str) -> Checkpoint:
     if payload["checksum"] != _checksum(payload):
         raise UserError(f"{path} is corrupted: its contents do not match the checksum written with them; use "
                         f"another checkpoint (e.g. an earlier checkpoint_epoch_N.pt)")
-    try:
-        return _parse(payload, path)
-    except _Malformed as exc:
-        raise UserError(f"{path} is damaged: its entries do not have the structure FundamentaLLM writes "
-                        f"({exc})") from None
+    return _parse(payload, path)
 
 
 def _load_payload(path: Path) -> Any:
@@ -233,11 +229,7 @@ def _read_weights_dir(path: Path) -> Checkpoint:
                 weights[a] = weights[b]  # the tied matrix is stored once
     payload = {"config": config, "tokenizer": record.get("tokenizer"), "model": weights,
                "data": record.get("data"), "progress": record.get("progress")}
-    try:
-        return _parse(payload, path)
-    except _Malformed as exc:
-        raise UserError(f"{path} is damaged: its entries do not have the structure FundamentaLLM writes "
-                        f"({exc})") from None
+    return _parse(payload, path)
 
 
 def _file_sha256(path: Path) -> str:
@@ -254,6 +246,14 @@ class _Malformed(Exception):
 
 def _parse(payload: dict[str, Any], path: Path) -> Checkpoint:
     """The typed checkpoint, checking every entry against the types of the dataclasses above."""
+    try:
+        return _parse_fields(payload, path)
+    except _Malformed as exc:
+        raise UserError(f"{path} is damaged: its entries do not have the structure FundamentaLLM writes "
+                        f"({exc})") from None
+
+
+def _parse_fields(payload: dict[str, Any], path: Path) -> Checkpoint:
     if not isinstance(payload["config"], dict):
         raise _Malformed("config")
     config = config_from_dict(payload["config"], f"checkpoint {path}")
