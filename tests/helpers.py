@@ -30,6 +30,8 @@ TINY_SETS = ["--set", "model.d_model=32", "--set", "model.num_heads=2", "--set",
              "--set", "training.sequence_length=32", "--set", "training.log_interval=1"]
 # ... and with the batch size of the tests that train it.
 TINY = [*TINY_SETS, "--batch-size", "8"]
+# The model of the tests that build one in-process (ModelConfig keyword arguments).
+TINY_MODEL = {"d_model": 32, "num_heads": 4, "num_layers": 2, "d_ff": 64, "dropout": 0.0}
 
 
 # Exit codes of a command stopped by Ctrl-C or SIGTERM (the shell's 128 + N).

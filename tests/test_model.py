@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import TINY_MODEL
 
 from fundamentallm.config import Config, ModelConfig, TrainingConfig, resolve_config
 from fundamentallm.model import GPT
@@ -17,7 +18,7 @@ VARIANTS = {
 
 
 def tiny(vocab: int = 50, context: int = 16, **model: object) -> GPT:
-    cfg = Config(model=ModelConfig(d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout=0.0, **model),
+    cfg = Config(model=ModelConfig(**{**TINY_MODEL, **model}),
                  training=TrainingConfig(sequence_length=context))
     return GPT.from_config(cfg, vocab).eval()
 

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_MODEL
 
 from fundamentallm import device, optim
 from fundamentallm.config import Config, ModelConfig, TrainingConfig
@@ -38,7 +39,7 @@ def test_cpu_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch, cap
 
 
 def test_fp16_gradient_scaler_recovers_from_overflow_and_learns() -> None:
-    cfg = Config(model=ModelConfig(d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout=0.0),
+    cfg = Config(model=ModelConfig(**TINY_MODEL),
                  training=TrainingConfig(sequence_length=16, batch_size=8, learning_rate=3e-3, warmup_steps=0))
     model = GPT.from_config(cfg, 12)
     tokens = np.tile(np.arange(12, dtype=np.uint8), 50)  # a repeating pattern: easy to learn

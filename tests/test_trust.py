@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, assert_clean_error, run_cli, run_subprocess, snapshot, train_tiny
+from helpers import TINY, TINY_SETS, assert_clean_error, run_cli, run_subprocess, snapshot, train_tiny
 
 from fundamentallm.checkpoint import _checksum, read_checkpoint
 from fundamentallm.errors import UserError
@@ -162,10 +162,8 @@ def test_damaged_run_records_are_skipped_with_one_warning(text: Path, trained: P
 
 def test_sweep_summary_reads_past_damaged_records(text: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    args = ["sweep", text, "--device", "cpu", "--epochs", "1", "--set", "training.max_steps=6",
-            "--set", "model.d_model=32", "--set", "model.num_heads=2", "--set", "model.num_layers=1",
-            "--set", "model.d_ff=64", "--set", "training.sequence_length=32", "--set", "training.batch_size=8",
-            "--set", "training.log_interval=1", "--grid", "training.learning_rate=1e-3", "-o", out]
+    args = ["sweep", text, "--device", "cpu", "--epochs", "1", "--set", "training.max_steps=6", *TINY_SETS,
+            "--set", "training.batch_size=8", "--grid", "training.learning_rate=1e-3", "-o", out]
     assert run_cli(*args).exit_code == 0
     _damage(out / "learning_rate=1e-3" / "metrics.jsonl")
     again = run_cli(*args)  # the run is finished: only the summary reads the damaged file
