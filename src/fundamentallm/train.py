@@ -360,7 +360,8 @@ def settle_plan(run: Run, total_steps: int, seconds_per_step: float, config_orig
         note = ("; no GPU here and no --config given: --config fast-cpu trains a good character model on a CPU "
                 "in minutes")
     info(f"Speed: {run.tokens_per_step / seconds_per_step:,.0f} tokens/s, about {duration(per_epoch)} per epoch "
-         f"and {duration(seconds_per_step * (total_steps - state.step) + run.elapsed())} for the run{note}")
+         f"and {duration(seconds_per_step * (total_steps - state.step) + run.elapsed())} for the run's steps "
+         f"(evaluations come on top){note}")
     return total_steps
 
 
