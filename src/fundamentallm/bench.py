@@ -40,7 +40,7 @@ from fundamentallm.files import atomic_write_bytes, why_unwritable
 from fundamentallm.generate import generate_tokens
 from fundamentallm.metrics import read_metrics
 from fundamentallm.model import GPT
-from fundamentallm.peer import Peer
+from fundamentallm.peer import Peer, QualityRow
 
 # Dense tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's datasheets, for model FLOPs utilisation: bf16
 # with fp32 accumulation (what autocast runs; GeForce cards run it at half their fp16-accumulate rate), fp16 on
@@ -85,15 +85,6 @@ class GenerationRow:
     ms_per_token_last_quarter: float
 
 
-@dataclass
-class QualityRow:
-    recipe: str
-    target: float
-    seconds_to_target: float | None
-    step_at_target: int | None
-    best_val_loss: float
-    wall_seconds: float
-    best_bits_per_char: float  # of the evaluation with the best loss: comparable across tokenizers
 
 
 def device_peak_tflops(device: torch.device) -> float | None:

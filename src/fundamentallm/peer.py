@@ -43,14 +43,16 @@ class PeerThroughput:
 
 
 @dataclass
-class PeerQuality:
+class QualityRow:
+    """Time from launch to a target validation loss, ours (bench) or nanoGPT's."""
+
     recipe: str
     target: float
     seconds_to_target: float | None
     step_at_target: int | None
     best_val_loss: float
     wall_seconds: float
-    best_bits_per_char: float  # nanoGPT's shakespeare_char model: one token per character
+    best_bits_per_char: float  # of the evaluation with the best loss: comparable across tokenizers
 
 
 class Peer:
@@ -114,7 +116,7 @@ class Peer:
         return PeerThroughput(len(timed) * batch * context / seconds, 1000 * seconds / len(timed), len(timed),
                               args)
 
-    def time_to_target(self, target: float, device: str, extra: list[str], timeout: float) -> PeerQuality:
+    def time_to_target(self, target: float, device: str, extra: list[str], timeout: float) -> QualityRow:
         """Launch nanoGPT's own character recipe and time it to its first evaluation at or below `target`; it
         is stopped there (or at `timeout` seconds) to spare the device."""
         evals: list[tuple[int, float, float]] = []  # step, val loss, seconds after launch
@@ -130,8 +132,8 @@ class Peer:
         hit = next((e for e in evals if e[1] <= target), None)
         if not evals:
             raise UserError("nanoGPT's recipe printed no evaluation", exit_code=1)
-        best = min(e[1] for e in evals)
-        return PeerQuality(f"nanoGPT {RECIPE}", target, hit[2] if hit else None, hit[0] if hit else None, best,
+        best = min(e[1] for e in evals)  # nanoGPT's shakespeare_char model: one token per character
+        return QualityRow(f"nanoGPT {RECIPE}", target, hit[2] if hit else None, hit[0] if hit else None, best,
                            evals[-1][2], best / math.log(2))
 
 

@@ -105,7 +105,6 @@ def start_output_dir(output_dir: Path, earlier_run: list[str], resume: bool) -> 
 
 
 LOCK = ".fundamentallm.lock"  # while a process holds the directory: its pid and command
-_held: dict[Path, int] = {}  # directories this process holds -> how many nested `hold` blocks
 
 
 @contextlib.contextmanager
@@ -115,16 +114,8 @@ def hold(directory: Path) -> Iterator[None]:
     killed run never leaves a stale lock behind (at most a lock file that nobody holds). A directory this creates
     is removed again if the block fails while it is still empty."""
     directory = Path(directory).resolve()
-    if directory in _held:  # nested: e.g. train --learning-rate auto holds it for the range test and the run
-        _held[directory] += 1
-        try:
-            yield
-        finally:
-            _held[directory] -= 1
-        return
     created = not directory.exists()
     fd = _acquire(directory)
-    _held[directory] = 1
     try:
         yield
     except BaseException:
@@ -135,7 +126,6 @@ def hold(directory: Path) -> Iterator[None]:
                 directory.rmdir()
         raise
     finally:
-        del _held[directory]
         if fd >= 0:
             _release(directory, fd)
 
