@@ -93,3 +93,23 @@ def test_time_budget_and_durations_are_validated(corpus: Path, tmp_path: Path) -
         result = run_cli("train", corpus, "-o", tmp_path / "run", *TINY_SETS, "--time-budget", bad)
         assert result.exit_code == 2 and "training.time_budget" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_time_budget_rechecks_its_pace_and_ends_on_its_plan(corpus: Path, tmp_path: Path) -> None:
+    result = train_tiny(corpus, tmp_path / "run", "--time-budget", "8s", "--epochs", "1000")
+    assert "Time budget 8s:" in result.output
+    assert result.output.count("Time budget, pace at step") == 2  # half-way and three quarters
+    final = read_checkpoint(tmp_path / "run" / "final_model.pt").progress
+    assert final.step == final.planned_steps  # the last re-check's plan is the one the run finished
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_in_a_straight_line(corpus: Path, tmp_path: Path) -> None:
+    train_tiny(corpus, tmp_path / "run", "--max-steps", "40", "--learning-rate", "1e-2",
+               "--set", "training.scheduler=wsd", "--set", "training.warmup_steps=4",
+               "--set", "training.decay_fraction=0.25", "--set", "training.min_lr_ratio=0.1",
+               "--set", "training.log_interval=1")
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])  # warm-up
+    assert lrs[4:31] == pytest.approx([1e-2] * 27)  # stable until the last quarter of the 36 steps after it
+    decay = lrs[31:]  # 9 steps down to a tenth of the peak, evenly
+    assert decay == pytest.approx([1e-2 - 9e-3 * i / 9 for i in range(9)])

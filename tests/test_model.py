@@ -14,6 +14,8 @@ from fundamentallm.model import GPT
 VARIANTS = {
     "guide": {},
     "modern": {"norm": "rmsnorm", "position_embedding": "rope", "mlp": "swiglu", "qk_norm": True, "bias": False},
+    "speedrun": {"position_embedding": "rope", "mlp": "relu2", "zero_init_proj": True, "residual_scalars": True,
+                 "logit_softcap": 15.0},
 }
 
 
@@ -106,3 +108,33 @@ def test_context_overflow_is_refused() -> None:
     with pytest.raises(ValueError, match="context length"):
         model(torch.zeros(1, 9, dtype=torch.long))
 
+
+
+def test_speedrun_options_do_what_they_say() -> None:
+    model = tiny(**VARIANTS["speedrun"])
+    projections = [p for name, p in model.named_parameters() if name.endswith("proj.weight")]
+    assert projections and all(not p.any() for p in projections)  # zero-initialised: each block is the identity
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(1e3)  # huge logits are squashed into (-cap, cap)
+        logits, _ = model(torch.randint(0, 50, (2, 16)))
+    assert logits.abs().max().item() <= 15.0
+    scalars = dict(model.named_parameters())
+    assert scalars["resid_scale"].tolist() == [1.0] * model.cfg.num_layers
+    assert scalars["x0_scale"].tolist() == [0.0] * model.cfg.num_layers
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_autocast_on_cpu_stays_close_to_fp32(variant: str) -> None:
+    # Under CPU autocast attention runs in fp32 (the bf16 kernel's backward is slow); the rest in bf16.
+    model = tiny(**VARIANTS[variant]).train()
+    x, y = torch.randint(0, 50, (4, 16)), torch.randint(0, 50, (4, 16))
+    _, full = model(x, y)
+    full.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, half = model(x, y)
+    half.backward()
+    assert logits.dtype == torch.bfloat16 and abs(half.item() - full.item()) < 0.02
+    for g32, p in zip(grads, model.parameters(), strict=True):
+        assert torch.allclose(p.grad, g32, atol=2e-2 * g32.abs().max().item() + 1e-6)

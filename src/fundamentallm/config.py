@@ -67,9 +67,18 @@ class ModelConfig(_Section):
     bias: bool = Field(True, description="biases in linear layers and norms")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     position_embedding: Literal["learned", "rope"] = "learned"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "relu2"] = Field(
+        "gelu", description="gelu; swiglu (gated, SiLU); relu2: ReLU squared, as in recent small-model speed records")
     qk_norm: bool = Field(False, description="normalise queries and keys per head before attention")
     tie_embeddings: bool = Field(True, description="share the input embedding and the output projection")
+    zero_init_proj: bool = Field(
+        False, description="start the projections that write into the residual stream at zero, so every block "
+                           "begins as the identity")
+    residual_scalars: bool = Field(
+        False, description="a learned scale per block on the residual stream and on the embedding output (x0), "
+                           "mixed in before each block")
+    logit_softcap: float | None = Field(
+        None, gt=0.0, description="squash the output logits smoothly into (-cap, cap); null: off")
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:
@@ -102,7 +111,11 @@ class TrainingConfig(_Section):
                     "steps, then fixes the number of steps so that the learning-rate schedule ends in time")
     sequence_length: int = Field(256, ge=1, le=MAX_SEQUENCE, description="context length in tokens")
     warmup_steps: int = Field(100, ge=0, le=MAX_COUNT, description="optimizer steps of linear warm-up")
-    scheduler: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    scheduler: Literal["cosine", "linear", "step", "constant", "wsd"] = Field(
+        "cosine", description="after warm-up: cosine or linear decay to min_lr_ratio over the run; step; constant; "
+                              "wsd: constant, then a linear decay over the last decay_fraction of the steps")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0,
+                                  description="wsd only: the share of the steps after warm-up spent decaying")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
     step_size: int = Field(1, ge=1, le=MAX_COUNT, description="step scheduler: epochs between drops")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step scheduler: factor per drop")
@@ -120,8 +133,8 @@ class TrainingConfig(_Section):
     early_stopping_patience: int = Field(0, ge=0, le=MAX_COUNT,
                                          description="evaluations without improvement; 0: off")
     use_mixed_precision: bool | Literal["auto"] = Field(
-        "auto", description="auto: bf16 (or fp16) autocast on GPUs, fp32 on CPU; true: also bf16 on CPUs that "
-                            "support it natively; false: fp32 everywhere")
+        "auto", description="auto and true: bf16 (or fp16) autocast on GPUs, and bf16 on CPUs with native bf16 "
+                            "instructions (fp32 on other CPUs); false: fp32 everywhere")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile; auto: on for CUDA")
     save_every_n_epochs: int = Field(1, ge=1, le=MAX_COUNT)
     keep_last_n: int = Field(3, ge=0, le=MAX_COUNT, description="periodic checkpoints to keep; 0 keeps all")

@@ -49,16 +49,18 @@ def select_device(name: str = "auto") -> torch.device:
 def autocast_dtype(device: torch.device, setting: bool | str) -> torch.dtype | None:
     """The autocast dtype for training, or None for full fp32.
 
-    GPUs: bf16 where supported, else fp16 (with a gradient scaler), unless the setting is false. CPUs: fp32 unless
-    the setting is explicitly true and the CPU has native bf16 instructions (AVX512-BF16 or AMX)."""
+    GPUs: bf16 where supported, else fp16 (with a gradient scaler), unless the setting is false. CPUs: bf16 where
+    the CPU has native bf16 instructions (AVX512-BF16 or AMX), unless the setting is false; elsewhere fp32 (with
+    a warning when bf16 was asked for explicitly)."""
     if setting is False:
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and setting is True:
+    if device.type == "cpu":
         if _cpu_has_native_bf16():
             return torch.bfloat16
-        warn("use_mixed_precision: this CPU has no native bf16 instructions; training in fp32")
+        if setting is True:
+            warn("use_mixed_precision: this CPU has no native bf16 instructions; training in fp32")
     return None
 
 

@@ -114,6 +114,16 @@ def any_rank(info: Dist, flag: bool) -> bool:
     return bool(t.item())
 
 
+def smallest_on_all_ranks(info: Dist, value: int) -> int:
+    """The smallest of every rank's integer, on every rank (e.g. a number of steps each rank planned from its
+    own clock: they must agree, or the ranks would wait for each other forever)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([-value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return -int(t.item())
+
+
 def same_on_all_ranks(info: Dist, value: int) -> bool:
     """Whether every rank holds the same integer (e.g. the step a resumed run starts from)."""
     if not info.enabled:

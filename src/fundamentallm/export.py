@@ -94,22 +94,27 @@ def _publish(out: Path, write: Callable[[Path], None]) -> None:
 def hf_architecture(cfg: ModelConfig) -> str:
     """The transformers architecture that computes exactly this model's function, or a UserError naming the
     option that has none."""
+    for key, value in (("residual_scalars", cfg.residual_scalars), ("logit_softcap", cfg.logit_softcap)):
+        if value:
+            raise UserError(f"model.{key}={value} has no standard transformers architecture; export with --format "
+                            f"safetensors or onnx instead (or train without it)")
     if cfg.position_embedding == "learned":
-        for key, value, standard in (("norm", cfg.norm, "layernorm"), ("mlp", cfg.mlp, "gelu")):
-            if value != standard:
-                raise UserError(f"model.{key}={value} with learned positions has no standard transformers "
-                                f"architecture (GPT-2 needs model.{key}={standard}); export with --format "
-                                f"safetensors or onnx instead")
+        if cfg.norm != "layernorm" or cfg.mlp == "swiglu":
+            key, value, standard = ("norm", cfg.norm, "layernorm") if cfg.norm != "layernorm" else \
+                ("mlp", cfg.mlp, "gelu or relu2")
+            raise UserError(f"model.{key}={value} with learned positions has no standard transformers "
+                            f"architecture (GPT-2 needs model.{key}={standard}); export with --format "
+                            f"safetensors or onnx instead")
         if cfg.qk_norm:
             raise UserError("model.qk_norm=true with learned positions has no standard transformers architecture "
                             "(GPT-2 has no QK-norm); export with --format safetensors or onnx instead")
         return "gpt2"
     if cfg.norm == "layernorm":
-        if cfg.mlp != "gelu" or cfg.qk_norm:
-            option = f"model.mlp={cfg.mlp}" if cfg.mlp != "gelu" else "model.qk_norm=true"
+        if cfg.mlp == "swiglu" or cfg.qk_norm:
+            option = f"model.mlp={cfg.mlp}" if cfg.mlp == "swiglu" else "model.qk_norm=true"
             raise UserError(f"{option} with RoPE and LayerNorm has no standard transformers architecture "
-                            f"(GPT-NeoX has a GELU MLP and no QK-norm); export with --format safetensors or onnx "
-                            f"instead")
+                            f"(GPT-NeoX has a GELU or ReLU² MLP and no QK-norm); export with --format safetensors "
+                            f"or onnx instead")
         return "gpt_neox"
     if cfg.mlp != "swiglu":
         raise UserError(f"model.mlp={cfg.mlp} with RMSNorm has no standard transformers architecture (Llama and "
@@ -128,16 +133,17 @@ def _hf_config(arch: str, model: GPT) -> Any:
     # generation stop at an ordinary character.
     common = {"vocab_size": vocab, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None,
               "eos_token_id": None, "pad_token_id": None}
+    # transformers' ACT2FN names our MLPs: "gelu" is the exact (erf) GELU, "relu2" ReLU squared.
     if arch == "gpt2":
         return transformers.GPT2Config(
             n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff,
-            n_positions=context, activation_function="gelu", layer_norm_epsilon=LAYER_NORM_EPS,
+            n_positions=context, activation_function=cfg.mlp, layer_norm_epsilon=LAYER_NORM_EPS,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
     rope = {"rope_type": "default", "rope_theta": ROPE_BASE}
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(
             hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.d_ff, hidden_act="gelu", max_position_embeddings=context,
+            intermediate_size=cfg.d_ff, hidden_act=cfg.mlp, max_position_embeddings=context,
             layer_norm_eps=LAYER_NORM_EPS, use_parallel_residual=False, attention_bias=cfg.bias,
             rope_parameters={**rope, "partial_rotary_factor": 1.0}, **common)
     kwargs = {"hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,

@@ -5,7 +5,8 @@ torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kerne
 learned position embeddings, a GELU MLP, dropout (on embeddings and block outputs; attention-weight dropout is
 a separate option because it rules out fused attention kernels), and an output projection tied to the token
 embedding. The
-defaults are the training guide's architecture; RoPE, RMSNorm, SwiGLU and QK-norm are options in ModelConfig.
+defaults are the training guide's architecture; RoPE, RMSNorm, SwiGLU, ReLU², QK-norm, zero-initialised
+projections, residual and embedding-skip scalars and logit soft-capping are options in ModelConfig.
 
 The model does math only: no devices, precision, compilation or files in here (train.py applies those).
 Shapes: B batch, T time (tokens), C = d_model, H heads, D = C / H head size, V vocabulary.
@@ -26,6 +27,12 @@ def _norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=1e-6)
     return nn.LayerNorm(dim, bias=cfg.bias)
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    # Under autocast, queries and keys arrive in bf16 while the gain is fp32: matching the gain's dtype keeps
+    # PyTorch on its fused kernel (a mismatch falls back to a slower composite one).
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
 
 
 class KVCache:
@@ -69,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = _rms_norm(q, self.q_norm), _rms_norm(k, self.k_norm)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
@@ -78,29 +85,44 @@ class CausalSelfAttention(nn.Module):
             cache.k[layer, :, :, past : past + T] = k
             cache.v[layer, :, :, past : past + T] = v
             k, v = cache.k[layer, :, :, : past + T], cache.v[layer, :, :, : past + T]
-        dropout = self.attention_dropout if self.training else 0.0
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif T == 1:  # one new token attends to every cached position
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:  # a chunk after a cached prefix: query i sees keys up to past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = _attention(q, k, v, past, self.attention_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, dropout: float) -> torch.Tensor:
+    """Causal attention of T new queries over `past` cached positions plus themselves: (B, H, T, D)."""
+    T = q.shape[2]
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32 (13.4 against 3.8
+        # ms per layer for fast-cpu's shapes, torch 2.13), so on a CPU attention runs in fp32 even under autocast.
+        with torch.autocast("cpu", enabled=False):
+            return _attention(q.float(), k.float(), v.float(), past, dropout).to(torch.bfloat16)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    if T == 1:  # one new token attends to every cached position
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    # a chunk after a cached prefix: query i sees keys up to past + i
+    mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.kind = cfg.mlp
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if self.swiglu else None
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate(x)) * self.fc(x) if self.gate is not None else F.gelu(self.fc(x))
+        if self.gate is not None:
+            h = F.silu(self.gate(x)) * self.fc(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.fc(x)).square()
+        else:
+            h = F.gelu(self.fc(x))
         return self.dropout(self.proj(h))
 
 
@@ -129,6 +151,9 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.residual_scalars:  # before block i: x = resid_scale[i] * x + x0_scale[i] * (embedding output)
+            self.resid_scale = nn.Parameter(torch.ones(cfg.num_layers))
+            self.x0_scale = nn.Parameter(torch.zeros(cfg.num_layers))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm_f = _norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -137,9 +162,14 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by depth, so its variance stays
         # roughly constant however many blocks add to it.
+        # With zero_init_proj they start at zero instead: every block begins as the identity (the gradients
+        # reaching the projections are not zero, so they still learn from the first step).
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+                if cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
 
     @classmethod
     def from_config(cls, config: Config, vocab_size: int) -> GPT:
@@ -183,13 +213,18 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T]) \
             if self.cfg.position_embedding == "rope" else None
-        x = self.drop(x)
+        x = x0 = self.drop(x)
         for layer, block in enumerate(self.blocks):
+            if self.cfg.residual_scalars:
+                x = self.resid_scale[layer] * x + self.x0_scale[layer] * x0
             x = block(x, rope, cache, layer)
         if cache is not None:
             cache.length += T
             x = x[:, -1:]
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if self.cfg.logit_softcap:  # bounded logits: no single output can run away early in training
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

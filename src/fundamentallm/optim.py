@@ -36,8 +36,11 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainingConfig
     if cfg.scheduler == "step":  # step_size counts epochs, as in the training guide
         drops = step // (cfg.step_size * steps_per_epoch)
         return max(peak * cfg.gamma**drops, floor)
-    decay_steps = max(1, total_steps - warmup)
-    progress = min(1.0, (step - warmup) / decay_steps)
+    if cfg.scheduler == "wsd":  # stable at the peak, then a straight line down over the last part of the run
+        decay_steps = max(1, round(cfg.decay_fraction * (total_steps - warmup)))
+        decay_start = total_steps - decay_steps
+        return peak if step < decay_start else peak - (peak - floor) * min(1.0, (step - decay_start) / decay_steps)
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if cfg.scheduler == "linear":
         return peak - (peak - floor) * progress
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

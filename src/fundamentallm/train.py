@@ -181,10 +181,13 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
             state.tokens_seen += run.tokens_per_step
             window.add(loss, norm, run.tokens_per_step)
             bar.update()
-            seconds_per_step = speed.measure(state.step, loss)
+            planned, seconds_per_step = total_steps, speed.measure(state.step, loss, run.elapsed())
             if seconds_per_step is not None:  # once per session, after its first steps
                 total_steps = settle_plan(run, total_steps, seconds_per_step, config_origin)
-                epoch_steps = min(epoch_steps, state.step_in_epoch + total_steps - state.step)
+            elif cfg.time_budget and speed.pace_due(state.step, total_steps):
+                total_steps = check_pace(run, total_steps, speed)
+            if total_steps != planned:
+                epoch_steps = min(run.steps_per_epoch, state.step_in_epoch + total_steps - state.step)
                 bar.set_total(epoch_steps)
 
             last_in_epoch = state.step_in_epoch == epoch_steps
@@ -319,24 +322,39 @@ def end_epoch(run: Run, log: MetricsLog | None, output_dir: Path, stopped_early:
 
 
 CALIBRATION_STEPS = 10  # steps timed at the start of each session (after one warm-up step)
+PACE_CHECKS = (0.5, 0.75)  # under a time budget, the steps are re-fixed at these fractions of the way
 
 
 class SpeedCheck:
-    """Times this session's steps 2 to CALIBRATION_STEPS + 1: the first pays for compilation and warm-up."""
+    """Times this session's steps 2 to CALIBRATION_STEPS + 1 (the first pays for compilation and warm-up). Under a
+    time budget it then says when to re-check the pace: the first steps can run 20-30% faster or slower than the
+    rest of a run (caches, clocks, evaluations), which alone would miss the budget by as much."""
 
     def __init__(self, first_step: int) -> None:
         self.first_step = first_step
         self.start = 0.0
+        self.settled: tuple[int, float] | None = None  # step and run time when the timed steps ended
+        self.checks_left = list(PACE_CHECKS)
 
-    def measure(self, step: int, loss: torch.Tensor) -> float | None:
+    def measure(self, step: int, loss: torch.Tensor, elapsed: float) -> float | None:
         """Seconds per step once the timed steps are done (at that one step; None at every other)."""
         if step == self.first_step + 1:
             loss.item()  # wait for the device, so the clock measures the steps, not their queueing
             self.start = time.perf_counter()
         elif step == self.first_step + 1 + CALIBRATION_STEPS:
             loss.item()
+            self.settled = (step, elapsed)
             return (time.perf_counter() - self.start) / CALIBRATION_STEPS
         return None
+
+    def pace_due(self, step: int, total_steps: int) -> bool:
+        """Whether `step` is the next pace check (the same step on every rank: it depends on steps only)."""
+        if self.settled is None or not self.checks_left or step - self.settled[0] < CALIBRATION_STEPS:
+            return False
+        if step - self.settled[0] < self.checks_left[0] * (total_steps - self.settled[0]):
+            return False
+        self.checks_left.pop(0)
+        return True
 
 
 def settle_plan(run: Run, total_steps: int, seconds_per_step: float, config_origin: str) -> int:
@@ -345,14 +363,10 @@ def settle_plan(run: Run, total_steps: int, seconds_per_step: float, config_orig
     cfg, state = run.cfg, run.progress
     per_epoch = seconds_per_step * run.steps_per_epoch
     if cfg.time_budget and not state.planned_steps:
-        # An evaluation reads its tokens forward only: about a third of a training step's work per token.
-        eval_tokens = len(run.val_tokens) if not cfg.eval_batches else min(
-            len(run.val_tokens), cfg.eval_batches * cfg.batch_size * cfg.sequence_length)
-        eval_seconds = eval_tokens / run.tokens_per_step * seconds_per_step / 3
         evals_per_step = 1 / run.steps_per_epoch + (1 / cfg.eval_interval if cfg.eval_interval else 0)
+        eval_seconds = _eval_seconds(run, seconds_per_step)
         left = cfg.time_budget - run.elapsed() - eval_seconds  # the last evaluation
-        steps = state.step + max(0, int(left / (seconds_per_step + eval_seconds * evals_per_step)))
-        state.planned_steps = total_steps = max(state.step, min(steps, cfg.max_steps or steps))
+        total_steps = _fix_steps(run, left / (seconds_per_step + eval_seconds * evals_per_step))
         info(f"Time budget {duration(cfg.time_budget)}: {seconds_per_step:.3g} s per step, so {total_steps:,} steps "
              f"in all (an epoch is {run.steps_per_epoch:,}); warmup {warmup_for(cfg, total_steps)} steps")
     note = ""
@@ -363,6 +377,34 @@ def settle_plan(run: Run, total_steps: int, seconds_per_step: float, config_orig
          f"and {duration(seconds_per_step * (total_steps - state.step) + run.elapsed())} for the run's steps "
          f"(evaluations come on top){note}")
     return total_steps
+
+
+def check_pace(run: Run, total_steps: int, speed: SpeedCheck) -> int:
+    """Re-fix a time budget's steps from the pace since the timed steps, evaluations included (they recur at
+    the same rate). A cosine schedule stretches or shrinks a little from here; wsd's stable phase absorbs it."""
+    step, elapsed = speed.settled
+    seconds_per_step = (run.elapsed() - elapsed) / (run.progress.step - step)
+    left = run.cfg.time_budget - run.elapsed() - _eval_seconds(run, seconds_per_step)  # the last evaluation
+    planned = _fix_steps(run, left / seconds_per_step)
+    info(f"Time budget, pace at step {run.progress.step:,}: {seconds_per_step:.3g} s per step (evaluations "
+         f"included), so {planned:,} steps in all (planned: {total_steps:,})")
+    return planned
+
+
+def _eval_seconds(run: Run, seconds_per_step: float) -> float:
+    # An evaluation reads its tokens forward only: about a third of a training step's work per token.
+    cfg = run.cfg
+    eval_tokens = len(run.val_tokens) if not cfg.eval_batches else min(
+        len(run.val_tokens), cfg.eval_batches * cfg.batch_size * cfg.sequence_length)
+    return eval_tokens / run.tokens_per_step * seconds_per_step / 3
+
+
+def _fix_steps(run: Run, steps_left: float) -> int:
+    """Record the run's total steps: at least one more than done, at most max_steps, the same on every rank."""
+    state, max_steps = run.progress, run.cfg.max_steps
+    steps = state.step + max(1, int(steps_left))
+    state.planned_steps = distributed.smallest_on_all_ranks(run.dist, min(steps, max_steps or steps))
+    return state.planned_steps
 
 
 def epochs_of(run: Run, total_steps: int) -> int:

@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Recipe experiments: variants of a recipe trained for the same wall time, several seeds each, and nanoGPT's
+own CPU recipe for the same wall time beside them.
+
+    python benchmarks/recipes.py --corpus ../shared/data/tinyshakespeare.txt --budget 60 --seeds 1,2 \\
+        --variant base --variant relu2:model.mlp=relu2 --variant wsd:training.scheduler=wsd
+    python benchmarks/recipes.py --corpus ../shared/data/gutenberg_10M.txt --budget 300 --variant base --peer
+
+Each run of ours is `fundamentallm train CORPUS --config RECIPE --time-budget B --seed S --set ...` in a child
+process: the run measures its own speed and fixes its number of steps so that the learning-rate schedule ends
+within B seconds (counted from when training is set up; start-up comes on top). It evaluates on the whole
+validation split (the last 10% of the characters) at the end and after every `--eval-every` steps. Reported:
+the final and best validation loss (nats per token and bits per character) and the time from launch (the
+whole process, start-up included) to the first evaluation at or below `--target`.
+
+`--peer` also runs nanoGPT's CPU recipe from its README (4 layers x 128, block 64, batch 12, no dropout, lr
+1e-3, 2000 iterations, fp32, no compile) from `--peer-dir` on the same corpus (characters, same 90/10 split),
+stopped once `--budget` plus our mean start-up has passed since its launch: its best evaluation up to then
+(nanoGPT estimates validation loss on 20 random batches, not the whole split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+NANOGPT_CPU = ["config/train_shakespeare_char.py", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+               "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+               "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def ours(corpus: Path, recipe: str, sets: list[str], seed: int, budget: float, eval_every: int, target: float,
+         workdir: Path, name: str, steps: int | None = None) -> dict[str, Any]:
+    out = workdir / f"{name}-seed{seed}"
+    limit = ["--max-steps", str(steps)] if steps else ["--time-budget", f"{budget}s"]
+    cmd = [sys.executable, "-m", "fundamentallm", "train", str(corpus), "--config", recipe, "-o", str(out),
+           "--device", "cpu", "--epochs", "1000", *limit, "--seed", str(seed),
+           "--set", f"training.eval_interval={eval_every}", "--set", "training.sample_tokens=0",
+           "--set", "training.save_best=false", *[arg for s in sets for arg in ("--set", s)]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get(
+        "PYTHONPATH")])), "FUNDAMENTALLM_CACHE_DIR": str(workdir / "cache")}
+    launched = time.time()
+    with open(f"{out}.log", "w") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - launched
+    if code != 0:
+        raise RuntimeError(f"{name} seed {seed} failed; see {out}.log:\n{Path(f'{out}.log').read_text()[-1500:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    run = next(r for r in records if r["kind"] == "run")
+    evals = [r for r in records if r["kind"] == "eval"]
+    hit = next((r for r in evals if r["val_loss"] <= target), None)
+    best = min(evals, key=lambda r: r["val_loss"])
+    return {"variant": name, "seed": seed, "sets": sets, "steps": evals[-1]["step"], "wall_seconds": wall,
+            "startup_seconds": run["time"] - launched, "final_val_loss": evals[-1]["val_loss"],
+            "final_bits_per_char": evals[-1]["bits_per_char"], "best_val_loss": best["val_loss"],
+            "best_bits_per_char": best["bits_per_char"],
+            "seconds_to_target": hit["time"] - launched if hit else None, "parameters": run["parameters"]}
+
+
+def nanogpt(corpus: Path, peer_dir: Path, wall: float, workdir: Path) -> dict[str, Any]:
+    from fundamentallm.peer import Peer, device_args
+
+    peer = Peer(peer_dir, corpus.read_text(encoding="utf-8"), workdir)
+    evals: list[tuple[int, float, float]] = []
+    launched = time.time()
+
+    def on_line(line: str, now: float) -> bool:
+        from fundamentallm.peer import EVAL_LINE
+
+        match = EVAL_LINE.match(line)
+        if match and now - launched <= wall:
+            evals.append((int(match[1]), float(match[2]), now - launched))
+        return now - launched > wall
+
+    peer._run([*NANOGPT_CPU, "--dataset=fundamentallm", *device_args("cpu")], on_line, timeout=wall + 60)
+    step, best, seconds = min(evals, key=lambda e: e[1])
+    return {"variant": "nanoGPT CPU recipe", "steps": step, "best_val_loss": best,
+            "best_bits_per_char": best / math.log(2), "seconds_at_best": seconds, "wall_seconds": wall}
+
+
+def _spread(group: list[dict[str, Any]], key: str, fmt: str) -> str:
+    """Mean (min-max) of one figure over a variant's runs."""
+    values = [r[key] for r in group if r.get(key) is not None]
+    if not values:
+        return "not reached" if key == "seconds_to_target" else "-"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def summarise(rows: list[dict[str, Any]], target: float) -> str:
+    lines = ["| variant | seeds | steps | final val loss (nats) | final bits/char | best val loss | "
+             f"time to <= {target} from launch (s) | wall (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        group = [r for r in rows if r["variant"] == name]
+        hits = sum(r.get("seconds_to_target") is not None for r in group)
+        to_target = _spread(group, "seconds_to_target", ".1f") + (
+            f", {hits}/{len(group)}" if 0 < hits < len(group) else "")
+        if "final_val_loss" not in group[0]:  # nanoGPT: no time to target measured
+            to_target = "-"
+        lines.append(f"| {name} | {len(group)} | {_spread(group, 'steps', '.0f')} | "
+                     f"{_spread(group, 'final_val_loss', '.4f')} | {_spread(group, 'final_bits_per_char', '.3f')} | "
+                     f"{_spread(group, 'best_val_loss', '.4f')} | {to_target} | "
+                     f"{_spread(group, 'wall_seconds', '.1f')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", type=Path, default=SHARED / "data" / "tinyshakespeare.txt")
+    parser.add_argument("--recipe", default="fast-cpu")
+    parser.add_argument("--budget", type=float, default=60.0, help="time budget (s) given to each run of ours")
+    parser.add_argument("--seeds", default="1", help="comma-separated seeds, each variant runs once per seed")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME[:KEY=VALUE,KEY=VALUE...] (repeatable); default: the recipe as it is")
+    parser.add_argument("--steps", type=int, help="a fixed number of steps instead of the time budget: compares "
+                                                  "what variants learn per step, whatever the machine's speed")
+    parser.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: each "
+                                                                  "epoch and at the end)")
+    parser.add_argument("--target", type=float, default=1.70)
+    parser.add_argument("--peer", action="store_true", help="also run nanoGPT's CPU recipe for the same wall time")
+    parser.add_argument("--peer-dir", type=Path, default=SHARED / "peers" / "nanogpt")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "recipes.json")
+    args = parser.parse_args()
+    variants = [(v.partition(":")[0], [s for s in v.partition(":")[2].split(",") if s]) for v in args.variant]
+    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                               "corpus": str(args.corpus), "recipe": args.recipe, "budget": args.budget,
+                               "target": args.target, "load_before": os.getloadavg(), "time": time.time(),
+                               "runs": []}
+    with tempfile.TemporaryDirectory(prefix="fundamentallm-recipes-") as tmp:
+        for seed in [int(s) for s in args.seeds.split(",")]:  # seeds outermost: drift hits every variant alike
+            for name, sets in variants or [("base", [])]:
+                print(f"{name} seed {seed} ({args.budget:.0f} s) ...", flush=True)
+                row = ours(args.corpus, args.recipe, sets, seed, args.budget, args.eval_every, args.target,
+                           Path(tmp), name, args.steps)
+                print(f"  final {row['final_val_loss']:.4f}, best {row['best_val_loss']:.4f}, {row['steps']} steps, "
+                      f"to target {row['seconds_to_target']}, wall {row['wall_seconds']:.1f}", flush=True)
+                results["runs"].append(row)
+        if args.peer:
+            startup = statistics.mean(r["startup_seconds"] for r in results["runs"])
+            print(f"nanoGPT CPU recipe ({args.budget + startup:.0f} s from launch) ...", flush=True)
+            results["runs"].append(nanogpt(args.corpus, args.peer_dir, args.budget + startup, Path(tmp)))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(f"\n{args.corpus.name}, recipe {args.recipe}, {args.budget:.0f} s budget, load before "
+          f"{results['load_before'][0]:.2f}\n")
+    print(summarise(results["runs"], args.target))
+    print(f"Numbers written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
