@@ -68,7 +68,8 @@ def main() -> None:
               "--set", f"training.max_steps={args.steps}",
               "--set", f"training.eval_interval={max(1, args.steps // args.evals)}",
               "--set", f"training.warmup_steps={args.steps // 10}",  # the presets' warm-ups assume longer runs
-              "--set", "training.eval_batches=20", "--set", "training.save_best=false"]
+              # the whole validation split: the same text for every batch size, so their losses compare
+              "--set", "training.eval_batches=0", "--set", "training.save_best=false"]
     grid = sweep(args.corpus, args.output / "grid", common,
                  ["--grid", f"training.learning_rate={args.learning_rates}",
                   "--grid", f"training.batch_size={args.batch_sizes}"])
