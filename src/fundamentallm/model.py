@@ -8,7 +8,8 @@ embedding. The
 defaults are the training guide's architecture; RoPE, RMSNorm, SwiGLU, ReLU², QK-norm, zero-initialised
 projections, residual and embedding-skip scalars and logit soft-capping are options in ModelConfig.
 
-The model does math only: no devices, precision, compilation or files in here (train.py applies those).
+The model does math only: no devices, precision, compilation or files in here (train.py applies those; the one
+exception: under CPU autocast attention computes in fp32, see _attention).
 Shapes: B batch, T time (tokens), C = d_model, H heads, D = C / H head size, V vocabulary.
 """
 
