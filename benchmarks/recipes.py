@@ -70,15 +70,13 @@ def ours(corpus: Path, recipe: str, sets: list[str], seed: int, budget: float, e
 
 
 def nanogpt(corpus: Path, peer_dir: Path, wall: float, workdir: Path) -> dict[str, Any]:
-    from fundamentallm.peer import Peer, device_args
+    from fundamentallm.peer import EVAL_LINE, Peer, device_args  # the package, not only the children, needs it
 
     peer = Peer(peer_dir, corpus.read_text(encoding="utf-8"), workdir)
     evals: list[tuple[int, float, float]] = []
     launched = time.time()
 
     def on_line(line: str, now: float) -> bool:
-        from fundamentallm.peer import EVAL_LINE
-
         match = EVAL_LINE.match(line)
         if match and now - launched <= wall:
             evals.append((int(match[1]), float(match[2]), now - launched))

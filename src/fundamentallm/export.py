@@ -99,12 +99,11 @@ def hf_architecture(cfg: ModelConfig) -> str:
             raise UserError(f"model.{key}={value} has no standard transformers architecture; export with --format "
                             f"safetensors or onnx instead (or train without it)")
     if cfg.position_embedding == "learned":
-        if cfg.norm != "layernorm" or cfg.mlp == "swiglu":
-            key, value, standard = ("norm", cfg.norm, "layernorm") if cfg.norm != "layernorm" else \
-                ("mlp", cfg.mlp, "gelu or relu2")
-            raise UserError(f"model.{key}={value} with learned positions has no standard transformers "
-                            f"architecture (GPT-2 needs model.{key}={standard}); export with --format "
-                            f"safetensors or onnx instead")
+        for key, value, standard in (("norm", cfg.norm, ("layernorm",)), ("mlp", cfg.mlp, ("gelu", "relu2"))):
+            if value not in standard:
+                raise UserError(f"model.{key}={value} with learned positions has no standard transformers "
+                                f"architecture (GPT-2 needs model.{key}={' or '.join(standard)}); export with "
+                                f"--format safetensors or onnx instead")
         if cfg.qk_norm:
             raise UserError("model.qk_norm=true with learned positions has no standard transformers architecture "
                             "(GPT-2 has no QK-norm); export with --format safetensors or onnx instead")
