@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU row of the README's Performance section in one command, with nanoGPT's rows from the same call:
+# Every GPU row of benchmarks/RESULTS.md in one command, with nanoGPT's rows from the same call:
 # training throughput for small/32, medium/32, medium/64 and large/32 (tokens/s, ms/step, peak memory, MFU against
 # the card's own peak, nanoGPT's tokens/s on the same shape and the speed-up), KV-cached generation speed, and the
 # time from launch to validation loss 1.47 on tinyshakespeare (ours with benchmarks/recipes/shakespeare-gpu.yaml,
@@ -7,10 +7,9 @@
 #
 #   benchmarks/gpu.sh [--peer DIR] [--corpus FILE] [-o DIR] [--cpu-smoke]
 #
-#   --peer DIR     a nanoGPT checkout (default: $FUNDAMENTALLM_PEER, else ../shared/peers/nanogpt beside the
-#                  repository). It is copied into a temporary directory and the corpus is prepared there; nothing
-#                  is downloaded. Without one, only our rows run.
-#   --corpus FILE  default: $FUNDAMENTALLM_CORPUS, else ../shared/data/tinyshakespeare.txt beside the repository.
+#   --peer DIR     a nanoGPT checkout (default: $FUNDAMENTALLM_PEER). It is copied into a temporary directory and
+#                  the corpus is prepared there; nothing is downloaded. Without one, only our rows run.
+#   --corpus FILE  the corpus (default: $FUNDAMENTALLM_CORPUS), e.g. tinyshakespeare.txt.
 #   -o DIR         where bench.json (the numbers) and gpu.log go (default: bench-gpu).
 #   --cpu-smoke    the same commands end to end on the CPU with tiny shapes and a few steps, on any small corpus:
 #                  the test suite runs this, so that a run on a lent GPU cannot fail on a typo.
@@ -20,7 +19,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 peer="${FUNDAMENTALLM_PEER:-}"
-corpus="${FUNDAMENTALLM_CORPUS:-$repo/../shared/data/tinyshakespeare.txt}"
+corpus="${FUNDAMENTALLM_CORPUS:-}"
 out="bench-gpu"
 smoke=0
 while [ $# -gt 0 ]; do
@@ -34,12 +33,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ -z "$peer" ]; then
-    peer="$repo/../shared/peers/nanogpt"
-    [ -d "$peer" ] || { echo "gpu.sh: no nanoGPT at $peer: measuring our rows only (give --peer DIR)" >&2; peer=""; }
+    echo "gpu.sh: no nanoGPT given: measuring our rows only (give --peer DIR)" >&2
 elif [ ! -d "$peer" ]; then
     echo "gpu.sh: --peer $peer is not a directory" >&2; exit 2
 fi
-[ -f "$corpus" ] || { echo "gpu.sh: no corpus at $corpus (give --corpus FILE)" >&2; exit 2; }
+[ -n "$corpus" ] && [ -f "$corpus" ] || { echo "gpu.sh: no corpus at '$corpus' (give --corpus FILE)" >&2; exit 2; }
 
 python="${PYTHON:-python3}"
 export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -65,6 +63,6 @@ peer_args=()
 
 mkdir -p "$out"
 start=$SECONDS
-"$python" -m fundamentallm bench "$corpus" --device "$device" --rows "$rows" --recipe "$recipe" \
+"$python" "$repo/benchmarks/side_by_side.py" "$corpus" --device "$device" --rows "$rows" --recipe "$recipe" \
     --target "$target" -o "$out/bench.json" "${args[@]}" "${peer_args[@]}" 2>&1 | tee "$out/gpu.log"
 echo "gpu.sh: done in $((SECONDS - start)) s; numbers in $out/bench.json, log in $out/gpu.log"

@@ -70,7 +70,8 @@ def ours(corpus: Path, recipe: str, sets: list[str], seed: int, budget: float, e
 
 
 def nanogpt(corpus: Path, peer_dir: Path, wall: float, workdir: Path) -> dict[str, Any]:
-    from fundamentallm.peer import EVAL_LINE, Peer, device_args  # the package, not only the children, needs it
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # peer.py, beside this file
+    from peer import EVAL_LINE, Peer, device_args
 
     peer = Peer(peer_dir, corpus.read_text(encoding="utf-8"), workdir)
     evals: list[tuple[int, float, float]] = []

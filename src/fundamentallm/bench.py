@@ -8,11 +8,9 @@ micro-benchmark's. Rows:
   (FLOPs per token from the architecture, over the device's peak) after a warm-up that absorbs compilation;
 - generation: tokens per second of KV-cached generation of 1,000 characters, and the cost per token early and
   late in the text (flat when the cache works);
-- time to quality (optional): wall time from launching a recipe to its first evaluation at or below a target
-  validation loss, compilation included, and the best validation loss it reaches.
 
-With `--peer PATH`, nanoGPT (peer.py) trains the same shape after each throughput row, and its own character
-recipe is timed to the same target, so every ratio compares two runs of the same call on the same device.
+Side-by-side figures against another trainer and time-to-quality runs are the project's own measurements, not a
+user's: they live in benchmarks/ (benchmarks/side_by_side.py builds on the functions here).
 """
 
 from __future__ import annotations
@@ -33,14 +31,12 @@ import torch
 
 from fundamentallm.config import preset_names, resolve_config
 from fundamentallm.console import info
-from fundamentallm.data import decode_chunk, find_text_files, iter_byte_chunks
 from fundamentallm.device import select_device
 from fundamentallm.errors import UserError
 from fundamentallm.files import atomic_write_bytes, why_unwritable
 from fundamentallm.generate import generate_tokens
 from fundamentallm.metrics import read_metrics
 from fundamentallm.model import GPT
-from fundamentallm.peer import Peer, QualityRow
 
 # Dense tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's datasheets, for model FLOPs utilisation: bf16
 # with fp32 accumulation (what autocast runs; GeForce cards run it at half their fp16-accumulate rate), fp16 on
@@ -56,7 +52,6 @@ PEAK_TFLOPS = {
 DEFAULT_ROWS = {"cuda": ["small:32", "medium:32", "medium:64", "large:32"], "cpu": ["small:32", "medium:8"]}
 GENERATION_PRESETS = ["small", "medium", "large"]
 SEQUENCE_LENGTH = 256
-PEER_TIMEOUT_SECONDS = 600  # the peer's time-to-target run stops here if it has not reached the target
 
 
 @dataclass
@@ -70,10 +65,6 @@ class ThroughputRow:
     achieved_tflops: float
     mfu: float | None
     steps_timed: int
-    peer_tokens_per_sec: float | None = None  # nanoGPT on the same shape, in the same call (--peer)
-    peer_ms_per_step: float | None = None
-    peer_mfu: float | None = None
-    speedup: float | None = None  # tokens_per_sec / peer_tokens_per_sec
 
 
 @dataclass
@@ -111,7 +102,7 @@ def parse_rows(rows: list[str]) -> list[tuple[str, int]]:
     return parsed
 
 
-def _train_child(data: Path, out: Path, device: str, args: list[str]) -> tuple[int, Any, float]:
+def train_child(data: Path, out: Path, device: str, args: list[str]) -> tuple[int, Any, float]:
     """Run `fundamentallm train` as a child process; returns its exit code, resource usage and wall time."""
     cmd = [sys.executable, "-m", "fundamentallm", "train", str(data), "-o", str(out), "--device", device, *args]
     start = time.time()
@@ -126,14 +117,15 @@ def _train_child(data: Path, out: Path, device: str, args: list[str]) -> tuple[i
 
 
 def measure_throughput(data: Path, preset: str, batch_size: int, device: torch.device, steps: int, warmup: int,
-                       workdir: Path, extra: list[str], peer: Peer | None = None) -> ThroughputRow:
+                       workdir: Path, extra: list[str]) -> tuple[ThroughputRow, dict[str, Any]]:
+    """One throughput row, and the run record of the training run that measured it (its resolved config)."""
     out = workdir / f"throughput-{preset}-{batch_size}"
     log_every = max(1, min(10, steps // 4))
     args = ["--config", preset, "--batch-size", str(batch_size), "--sequence-length", str(SEQUENCE_LENGTH),
             "--epochs", "1000", "--set", f"training.max_steps={warmup + steps}",
             "--set", f"training.log_interval={log_every}", "--set", "training.eval_batches=1",
             "--set", "training.save_best=false", *extra]
-    _, usage, _ = _train_child(data, out, str(device), args)
+    _, usage, _ = train_child(data, out, str(device), args)
     records = read_metrics(out)
     run = next(r for r in records if r["kind"] == "run")
     train = [r for r in records if r["kind"] == "train"]
@@ -148,13 +140,7 @@ def measure_throughput(data: Path, preset: str, batch_size: int, device: torch.d
     peak = device_peak_tflops(device)
     row = ThroughputRow(preset, batch_size, run["parameters"], tokens_per_sec, 1000 * seconds / timed_steps,
                         peak_mb, achieved, achieved / peak if peak else None, timed_steps)
-    if peer is not None:  # the shape this run trained, as its run record holds it
-        info(f"  nanoGPT throughput: {preset}, batch {batch_size} ...")
-        theirs = peer.throughput(run["config"], str(device), steps, warmup)
-        row.peer_tokens_per_sec, row.peer_ms_per_step = theirs.tokens_per_sec, theirs.ms_per_step
-        row.peer_mfu = run["flops_per_token"] * theirs.tokens_per_sec / 1e12 / peak if peak else None
-        row.speedup = tokens_per_sec / theirs.tokens_per_sec
-    return row
+    return row, run
 
 
 def measure_generation(preset: str, device: torch.device, tokens: int = 1000) -> GenerationRow:
@@ -174,79 +160,48 @@ def measure_generation(preset: str, device: torch.device, tokens: int = 1000) ->
                          1000 * sum(per_token[-quarter:]) / quarter)
 
 
-def measure_quality(data: Path, recipe: str, target: float, device: torch.device, workdir: Path,
-                    extra: list[str]) -> QualityRow:
-    out = workdir / f"quality-{Path(recipe).stem}"
-    _, _, launched = _train_child(data, out, str(device), ["--config", recipe, *extra])
-    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
-    hit = next((r for r in evals if r["val_loss"] <= target), None)
-    best = min(evals, key=lambda r: r["val_loss"])
-    return QualityRow(recipe, target, hit["time"] - launched if hit else None, hit["step"] if hit else None,
-                      best["val_loss"], max(r["time"] for r in evals) - launched, best["bits_per_char"])
-
-
 def run_bench(data: Path, device_name: str = "auto", rows: list[str] | None = None, steps: int | None = None,
-              generation: bool = True, recipe: str | None = None, target: float = 1.47,
-              output: Path = Path("bench.json"), extra: list[str] | None = None, peer: Path | None = None,
-              peer_sets: list[str] | None = None, generation_tokens: int = 1000) -> dict[str, Any]:
-    """Every row on `device`; with `peer` (a nanoGPT directory) nanoGPT's rows too, in the same call.
-    `peer_sets` (KEY=VALUE) go to nanoGPT's train.py as --KEY=VALUE in its time-to-target run."""
+              generation: bool = True, output: Path = Path("bench.json"), extra: list[str] | None = None,
+              generation_tokens: int = 1000) -> dict[str, Any]:
+    """Every row on `device`, printed as tables and written to `output` as JSON."""
     device = select_device(device_name)
     kind = "cuda" if device.type == "cuda" else "cpu"
     parsed_rows = parse_rows(rows or DEFAULT_ROWS[kind])
-    if recipe:
-        resolve_config(recipe)  # an unknown or invalid recipe is refused now, not after the throughput rows
-    for assignment in peer_sets or []:
-        if not re.fullmatch(r"\w+=\S+", assignment):
-            raise UserError(f"--peer-set {assignment!r}: expected KEY=VALUE, e.g. --peer-set max_iters=2000")
-    peer_args = [f"--{assignment}" for assignment in peer_sets or []]
-    try:  # find out now, not after minutes of measuring, that the results cannot be written
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {output.parent} for the results: {exc.strerror}") from None
-    reason = why_unwritable(output.parent)
-    if reason is not None:
-        raise UserError(f"cannot write to {output.parent}: {reason}; choose another -o/--output")
+    check_writable(output)
     steps = steps or (50 if kind == "cuda" else 10)
     warmup = 20 if kind == "cuda" else 3
     extra = extra or []
-    description = _describe(device)
+    description = describe(device)
     info(f"Benchmarking on {description}")
     results: dict[str, Any] = {"device": description, "torch": torch.__version__, "time": time.time(),
-                               "throughput": [], "generation": [], "quality": []}
+                               "throughput": [], "generation": []}
     with tempfile.TemporaryDirectory(prefix="fundamentallm-bench-") as tmp:
-        nanogpt = Peer(peer, corpus_text(data), Path(tmp)) if peer else None
-        if nanogpt:
-            results["peer"] = str(peer)
         for preset, batch in parsed_rows:
             info(f"  training throughput: {preset}, batch {batch} ...")
-            results["throughput"].append(asdict(measure_throughput(
-                data, preset, batch, device, steps, warmup, Path(tmp), extra, nanogpt)))
-        if generation:
-            for preset in GENERATION_PRESETS:
-                info(f"  generation: {preset} ...")
-                results["generation"].append(asdict(measure_generation(preset, device, generation_tokens)))
-        if recipe:
-            info(f"  time to validation loss {target} with {recipe} ...")
-            results["quality"].append(asdict(measure_quality(data, recipe, target, device, Path(tmp),
-                                                             extra)))
-        if recipe and nanogpt:
-            info(f"  time to validation loss {target} with nanoGPT's own recipe ...")
-            results["quality"].append(asdict(nanogpt.time_to_target(target, str(device), peer_args,
-                                                                    PEER_TIMEOUT_SECONDS)))
+            row, _ = measure_throughput(data, preset, batch, device, steps, warmup, Path(tmp), extra)
+            results["throughput"].append(asdict(row))
+    if generation:
+        for preset in GENERATION_PRESETS:
+            info(f"  generation: {preset} ...")
+            results["generation"].append(asdict(measure_generation(preset, device, generation_tokens)))
     atomic_write_bytes(output, json.dumps(results, indent=2).encode("utf-8"))
     info(format_tables(results))
     info(f"Numbers written to {output}")
     return results
 
 
-def corpus_text(data: Path) -> str:
-    """DATA (a file or a directory of text files) as one text, for the peer's own dataset files."""
-    return "".join(decode_chunk(path, offset, chunk) for path in find_text_files([data])
-                   for offset, chunk in iter_byte_chunks(path))
+def check_writable(output: Path) -> None:
+    """Find out now, not after minutes of measuring, that the results cannot be written."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {output.parent} for the results: {exc.strerror}") from None
+    reason = why_unwritable(output.parent)
+    if reason is not None:
+        raise UserError(f"cannot write to {output.parent}: {reason}; choose another -o/--output")
 
 
-def _describe(device: torch.device) -> str:
+def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     return (f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -257,28 +212,17 @@ def format_tables(results: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
         return f"{100 * value:.1f}%" if value is not None else "n/a"
 
-    peer = any(r.get("peer_tokens_per_sec") for r in results["throughput"])
     lines = [f"\nDevice: {results['device']}", "",
-             "| preset | batch | params | tokens/s | ms/step | peak mem (MB) | TFLOP/s | MFU |"
-             + (" nanoGPT tokens/s | nanoGPT MFU | speed-up |" if peer else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if peer else "")]
+             "| preset | batch | params | tokens/s | ms/step | peak mem (MB) | TFLOP/s | MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["throughput"]:
         lines.append(f"| {r['preset']} | {r['batch_size']} | {r['parameters']:,} | {r['tokens_per_sec']:,.0f} | "
                      f"{r['ms_per_step']:.1f} | {r['peak_memory_mb']:,.0f} | {r['achieved_tflops']:.3f} | "
-                     f"{pct(r['mfu'])} |" + (f" {r['peer_tokens_per_sec']:,.0f} | {pct(r['peer_mfu'])} | "
-                                            f"{r['speedup']:.2f}x |" if peer else ""))
+                     f"{pct(r['mfu'])} |")
     if results["generation"]:
         lines += ["", "| preset | new tokens | tokens/s | ms/token (first 250) | ms/token (last 250) |",
                   "|---|---:|---:|---:|---:|"]
         for r in results["generation"]:
             lines.append(f"| {r['preset']} | {r['tokens']:,} | {r['tokens_per_sec']:,.0f} | "
                          f"{r['ms_per_token_first_quarter']:.2f} | {r['ms_per_token_last_quarter']:.2f} |")
-    if results["quality"]:
-        lines += ["", "| recipe | target val loss | time to target (s) | step | best val loss | best bits/char | "
-                  "wall (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in results["quality"]:
-            hit = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "not reached"
-            step = "-" if r["step_at_target"] is None else r["step_at_target"]
-            lines.append(f"| {r['recipe']} | {r['target']} | {hit} | {step} | "
-                         f"{r['best_val_loss']:.4f} | {r['best_bits_per_char']:.4f} | {r['wall_seconds']:.1f} |")
     return "\n".join(lines)

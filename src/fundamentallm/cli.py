@@ -195,47 +195,22 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
           overwrite: bool, init_from: str | None, extend_vocab: bool, val_data: tuple[str, ...],
           tensorboard: bool) -> None:
     """Train a model on DATA: one or more text files, or directories of .txt files."""
-    from fundamentallm.checkpoint import read_checkpoint
-    from fundamentallm.config import resolve_config
     from fundamentallm.plot import plot_finished_run
-    from fundamentallm.run import FineTune, init_base, resolve_resume
     from fundamentallm.train import train as run_training
-
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; use one")
-    if init_from and resume:
-        raise UserError("--init-from starts a new run and --resume continues one; use one")
-    if extend_vocab and not init_from:
-        raise UserError("--extend-vocab grows the vocabulary of the model given with --init-from; give that too")
-    resume_from = resolve_resume(resume, output_dir, list(data))
-    if not data:
-        if resume_from is None:
-            raise click.UsageError("missing DATA: give a text file, several files, or a directory of .txt files")
-        data = tuple(resume_from.data.files)
-    if not val_data and resume_from is not None:  # a resumed run validates on what it validated on before
-        val_data = tuple(resume_from.data.val_files)
+    from fundamentallm.train import train_job
 
     auto_lr = learning_rate is not None and learning_rate.strip().lower() == "auto"
-    if auto_lr and (resume_from is not None or init_from):
-        raise UserError("--learning-rate auto tests fresh models; with --resume or --init-from give a number")
-    overrides = _overrides(assignments, learning_rate=None if auto_lr else _float_flag(learning_rate,
-                                                                                      "--learning-rate"),
-                           batch_size=batch_size, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
-                           sequence_length=sequence_length, seed=seed)
-    init_checkpoint = read_checkpoint(init_from) if init_from else None
-    base = (resume_from.config.to_dict(), f"checkpoint {resume_from.path}") if resume_from else \
-        init_base(init_checkpoint) if init_checkpoint else None
-    config = resolve_config(config_name, overrides, base=base)
-    init = FineTune(init_checkpoint, config, list(data), extend_vocab) if init_checkpoint else None
+    lr = None if auto_lr else _float_flag(learning_rate, "--learning-rate")
+    overrides = _overrides(assignments, learning_rate=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
+                           time_budget=time_budget, sequence_length=sequence_length, seed=seed)
+    job = train_job(list(data), config_name, overrides, output_dir, device=device, resume=resume,
+                    overwrite=overwrite, init_from=init_from, extend_vocab=extend_vocab, val_data=list(val_data),
+                    tensorboard=tensorboard)
     if auto_lr:
         from fundamentallm.lr_finder import auto_learning_rate
 
-        config = auto_learning_rate(config, list(data), output_dir, device=device, overwrite=overwrite,
-                                    val_paths=list(val_data))
-    result = run_training(config, list(data), output_dir, device=device, resume_from=resume_from,
-                          overwrite=overwrite, tensorboard=tensorboard,
-                          config_origin=config_name or (base[1] if base else "medium (default)"),
-                          val_paths=list(val_data), init=init)
+        job.config = auto_learning_rate(job)
+    result = run_training(job)
     if result.interrupted_by is not None:
         sys.exit(128 + result.interrupted_by)  # the shell convention for "ended by signal N"
     if result.wrote_files:
@@ -491,30 +466,22 @@ def status(run_dir: Path, as_json: bool) -> None:
 @click.option("--rows", help="Comma-separated PRESET:BATCH training rows (default: the reference table's).")
 @click.option("--steps", type=click.IntRange(min=2), help="Timed optimizer steps per row (after warm-up).")
 @click.option("--generation/--no-generation", default=True, show_default=True,
-              help="Also time KV-cached generation of 1,000 characters per preset.")
-@click.option("--recipe", metavar="NAME|PATH", help="Also measure time to --target validation loss with this config.")
-@click.option("--target", type=float, default=1.47, show_default=True, help="Validation loss for --recipe.")
+              help="Also time KV-cached generation of --generation-tokens characters per preset.")
 @click.option("--generation-tokens", type=click.IntRange(min=8), default=1000, show_default=True,
               help="Characters to generate per preset when timing generation.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True,
               help="JSON file for the measurements.")
 @_set_option("Passed to every training run.")
-@click.option("--peer", type=click.Path(path_type=Path, exists=True, file_okay=False), metavar="NANOGPT_DIR",
-              help="Also run nanoGPT (from a copy of this directory) on every throughput row and, with --recipe, "
-                   "its own character recipe to --target, in the same call.")
-@click.option("--peer-set", "peer_sets", multiple=True, metavar="KEY=VALUE",
-              help="Passed to nanoGPT's train.py as --KEY=VALUE in its time-to-target run (repeatable).")
-def bench(data: Path, device: str, rows: str | None, steps: int | None, generation: bool, recipe: str | None,
-          target: float, generation_tokens: int, output: Path, assignments: tuple[str, ...], peer: Path | None,
-          peer_sets: tuple[str, ...]) -> None:
-    """Measure training throughput, generation speed and (optionally) time to quality on DATA."""
+def bench(data: Path, device: str, rows: str | None, steps: int | None, generation: bool, generation_tokens: int,
+          output: Path, assignments: tuple[str, ...]) -> None:
+    """Measure training throughput and generation speed on DATA."""
     from fundamentallm.bench import run_bench
     from fundamentallm.data import find_text_files
 
     find_text_files([data])  # a clear error now rather than from the first child process
     extra = [arg for a in assignments for arg in ("--set", a)]
-    run_bench(data, device, rows.split(",") if rows else None, steps, generation, recipe, target, output, extra,
-              peer=peer, peer_sets=list(peer_sets), generation_tokens=generation_tokens)
+    run_bench(data, device, rows.split(",") if rows else None, steps, generation, output, extra,
+              generation_tokens=generation_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,6 +42,9 @@ from fundamentallm.files import atomic_write_bytes
 from fundamentallm.optim import optimizer_step, set_lr
 from fundamentallm.run import setup_run
 from fundamentallm.runfiles import LR_FIND_CSV, LR_FIND_PLOT, check_output_dir, hold
+
+if TYPE_CHECKING:
+    from fundamentallm.train import TrainJob
 
 # Defaults of the range test: 60 steps over five decades (12 rates per decade) resolve the curve well enough, and
 # with the stop rules the small preset finishes in under 20 seconds on a 2-core CPU. Useful AdamW rates for these
@@ -219,14 +223,16 @@ def find_lr(config: Config, data_paths: list[str], output_dir: Path, *, device: 
     return LRFindResult(test, choice, csv_path, plot_path)
 
 
-def auto_learning_rate(config: Config, data_paths: list[str], output_dir: Path, *, device: str = "auto",
-                       overwrite: bool = False, val_paths: list[str] | None = None) -> Config:
+def auto_learning_rate(job: TrainJob) -> Config:
     """`train --learning-rate auto`: run the range test (its CSV and plot go into the run directory) and return
-    the config with the suggested rate."""
+    the job's config with the suggested rate."""
+    if job.resume_from is not None or job.init is not None:
+        raise UserError("--learning-rate auto tests fresh models; with --resume or --init-from give a number")
+    config, output_dir = job.config, job.output_dir
     with hold(output_dir):  # no other run may start here while the range test writes (train re-checks after)
         # Refuse an occupied output directory now, not after the range test has taken its minute.
-        check_output_dir(Path(output_dir), resume_path=None, overwrite=overwrite)
-        result = find_lr(config, data_paths, output_dir, device=device, val_paths=val_paths)
+        check_output_dir(Path(output_dir), resume_path=None, overwrite=job.overwrite)
+        result = find_lr(config, job.data_paths, output_dir, device=job.device, val_paths=job.val_paths)
     tuned = config.model_copy(deep=True)
     tuned.training.learning_rate = float(f"{result.suggestion.lr:.3g}")
     info(f"Training with learning rate {tuned.training.learning_rate:g} from the range test")

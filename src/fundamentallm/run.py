@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from fundamentallm.device import (
 from fundamentallm.errors import UserError
 from fundamentallm.model import GPT
 from fundamentallm.optim import Optimizer, make_optimizer
-from fundamentallm.runfiles import RUN_FILES
+from fundamentallm.resume import check_resume_compatible, restore_run
 from fundamentallm.tokenizer import CharTokenizer, Tokenizer
 
 
@@ -131,7 +130,7 @@ def setup_run(config: Config, data_paths: list[str], device: torch.device,
     data = load_data(config, data_paths, dist, val_paths, init.tokenizer if init else None)
     with distributed.collectively(dist):
         if resume is not None:
-            ckpt.check_resume_compatible(resume, config, data)
+            check_resume_compatible(resume, config, data)
             data.tokenizer = resume.tokenizer  # the model's own (see check_resume_compatible)
         check_fits(config, data.tokenizer.vocab_size, device)
     check_same_everywhere(config, data, dist)
@@ -241,39 +240,3 @@ def check_same_everywhere(config: Config, data: TokenData, dist: distributed.Dis
         raise distributed.PeerFailed([0], quiet=True)  # rank 0 says what is wrong, once
     raise UserError("the processes of this torchrun were started with different configurations or different "
                     "data; start every process with the same command, config file and DATA")
-
-
-def restore_run(run: Run, checkpoint: ckpt.Checkpoint) -> None:
-    """Continue exactly where `checkpoint` stopped: weights, optimizer, scaler, sampler, RNGs and counters."""
-    run.progress = ckpt.restore(checkpoint, run.model, run.optimizer, run.scaler, run.sampler, run.device,
-                                run.dist, run.cfg.seed)
-    if checkpoint.config.training.time_budget != run.cfg.time_budget:
-        run.progress.planned_steps = 0  # a new budget: measure again and plan the rest of the run anew
-    if not distributed.same_on_all_ranks(run.dist, run.progress.step):  # e.g. a node without the checkpoint
-        if not run.dist.is_main:
-            raise distributed.PeerFailed([0], quiet=True)  # rank 0 says what is wrong, once
-        raise UserError(f"the processes disagree on where to resume (some start at step {run.progress.step:,}, "
-                        f"others elsewhere): with --nnodes, put -o/--output-dir on a filesystem every machine "
-                        f"shares, or give --resume PATH to a checkpoint present on every machine")
-
-
-def resolve_resume(resume: str | None, output_dir: Path, data: list[str]) -> ckpt.Checkpoint | None:
-    """The checkpoint that `train --resume PATH|auto` continues from; None starts a new run."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        return ckpt.resume_checkpoint(resume)
-    found = ckpt.find_resumable(output_dir)
-    if found is not None:
-        return found
-    if list(output_dir.glob("*.pt")):
-        raise UserError(f"--resume auto: {output_dir} holds no checkpoint that can be resumed (see the "
-                        f"warnings above); use --overwrite to start again")
-    if any((output_dir / name).exists() for name in RUN_FILES):
-        raise UserError(f"--resume auto: the run in {output_dir} stopped before its first checkpoint; "
-                        f"use --overwrite to start it again")
-    if not data:
-        raise UserError(f"--resume auto: no checkpoint in {output_dir} to continue, and no DATA to start "
-                        f"a new run with; give DATA (a text file, several, or a directory)")
-    warn(f"--resume auto: no checkpoint in {output_dir} yet; starting a new run")
-    return None

@@ -34,27 +34,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fundamentallm.checkpoint import find_resumable
 from fundamentallm.config import Config, parse_value, resolve_config
 from fundamentallm.console import info, warn
 from fundamentallm.data import prepare_data
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.metrics import read_metrics
 from fundamentallm.plot import plot_finished_run
-from fundamentallm.runfiles import FINAL, hold
+from fundamentallm.resume import inspect_run_dir, refuse_run_dir
+from fundamentallm.runfiles import hold
 from fundamentallm.sweep import (
     RESULTS_CSV,
     STUDY_DB,
     SweepResult,
     SweepRun,
     first_sentence,
-    last_end,
     show_results,
     sorted_rows,
     summarize,
     write_results,
 )
-from fundamentallm.train import train
+from fundamentallm.train import TrainJob, train
 
 if TYPE_CHECKING:
     import optuna
@@ -248,6 +247,7 @@ def run_search(config_name: str | None, overrides: list[tuple[str, Any, str]], s
         raise UserError(f"--trials {trials}: give at least 1")
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"-o {output_dir} is a file, not a directory")
+    refuse_run_dir(output_dir, "a search")
     axes = parse_space(spaces)
     base = check_space(config_name, overrides, axes)
     _import_optuna()  # a missing Optuna is said before the data is read
@@ -290,13 +290,13 @@ def _run_trial(trial: optuna.Trial, axes: list[SpaceAxis], config_name: str | No
     directory = output_dir / trial_name(trial.number)
     label = f"[trial {trial.number + 1}/{trials}] {directory.name}: " + ", ".join(
         f"{a.short}={_shown(a, trial.params[a.key])}" for a in axes)
-    end = last_end(directory) if resumed and directory.exists() else None
-    if end is not None and end.get("status") in ("finished", "pruned") and (directory / FINAL).exists():
+    state = inspect_run_dir(directory)
+    if resumed and state.kind in ("finished", "pruned"):
         # It ended, but the command was stopped before the study heard of it.
-        info(f"{label}: {end['status']} earlier")
-        _tell(trial, directory, pruned=end["status"] == "pruned")
+        info(f"{label}: {state.kind} earlier")
+        _tell(trial, directory, pruned=state.kind == "pruned")
         return None
-    resume_from = find_resumable(directory) if resumed and directory.exists() else None
+    resume_from = state.checkpoint if resumed else None
     overwrite = resume_from is None and directory.exists() and any(directory.iterdir())
     info(label + (f" (resuming from {resume_from.path.name})" if resume_from else
                   " (stopped before its first checkpoint; starting it over)" if overwrite else ""))
@@ -309,9 +309,9 @@ def _run_trial(trial: optuna.Trial, axes: list[SpaceAxis], config_name: str | No
 
     try:
         config = resolve_config(config_name, overrides + [(k, v, f"--space {k}") for k, v in values.items()])
-        result = train(config, data_paths, directory, device=device, resume_from=resume_from,
-                       overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium",
-                       on_eval=on_eval)
+        result = train(TrainJob(config, data_paths, directory, device=device, resume_from=resume_from,
+                                overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium",
+                                on_eval=on_eval))
     except (TrainingFailed, UserError) as exc:  # a result for this point of the space, not the search's end
         warn(f"{label} failed: {exc}")
         trial.set_user_attr("error", first_sentence(str(exc)))

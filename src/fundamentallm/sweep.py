@@ -26,7 +26,6 @@ from typing import Any
 
 import yaml
 
-from fundamentallm.checkpoint import find_resumable
 from fundamentallm.config import Config, config_from_dict, parse_value, resolve_config
 from fundamentallm.console import duration, info, warn
 from fundamentallm.data import prepare_data
@@ -34,8 +33,9 @@ from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write_bytes
 from fundamentallm.metrics import read_metrics
 from fundamentallm.plot import matplotlib_available, plot_finished_run, plot_runs
-from fundamentallm.runfiles import CONFIG, FINAL, METRICS, hold
-from fundamentallm.train import train
+from fundamentallm.resume import inspect_run_dir, refuse_run_dir
+from fundamentallm.runfiles import CONFIG, METRICS, hold
+from fundamentallm.train import TrainJob, train
 
 RESULTS_CSV = "results.csv"
 SWEEP_PLOT = "sweep.png"
@@ -138,13 +138,6 @@ def _check_same_config(run: SweepRun) -> None:
                         f"this is not the sweep that wrote it. Use another -o, or remove that directory")
 
 
-def last_end(run_dir: Path) -> dict[str, Any] | None:
-    if not (run_dir / METRICS).exists():
-        return None
-    records = read_metrics(run_dir, quiet=True)  # summarize() reads it too, and reports damage
-    return records[-1] if records and records[-1].get("kind") == "end" else None
-
-
 def summarize(run: SweepRun) -> dict[str, Any]:
     """The run's row of the results table, from its metrics.jsonl."""
     records = read_metrics(run.directory) if (run.directory / METRICS).exists() else []
@@ -243,6 +236,7 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
               tensorboard: bool = False, val_paths: list[str] | None = None) -> SweepResult:
     """Train every combination not finished yet; print and save the table sorted by best validation loss."""
     output_dir = Path(output_dir)
+    refuse_run_dir(output_dir, "a sweep")
     axes = parse_grid(grids)
     runs = plan(config_name, overrides, axes, output_dir)
     csv_path = output_dir / RESULTS_CSV
@@ -285,16 +279,16 @@ def show_results(rows: list[dict[str, Any]], planned: int, output_dir: Path, csv
 def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str | None, device: str,
              tensorboard: bool, val_paths: list[str] | None) -> int | None:
     """Skip, resume or start one combination; returns the signal that interrupted it, if one did."""
-    end = last_end(run.directory)
-    if end is not None and end.get("status") == "finished" and (run.directory / FINAL).exists():
+    state = inspect_run_dir(run.directory)
+    if state.kind == "finished":
         run.status = "finished earlier"
         info(f"{label}: finished earlier, skipping")
         return None
-    if end is not None and end.get("status") == "failed":
-        run.status, run.error = "failed", first_sentence(end.get("error", ""))
+    if state.kind == "failed":
+        run.status, run.error = "failed", first_sentence(state.end.get("error", ""))
         info(f"{label}: failed earlier ({run.error}); skipping it (remove {run.directory} to retry)")
         return None
-    resume_from = find_resumable(run.directory) if run.directory.exists() else None
+    resume_from = state.checkpoint
     overwrite = resume_from is None and run.directory.exists() and any(run.directory.iterdir())
     if resume_from is not None:
         info(f"{label}: resuming from {resume_from.path.name}")
@@ -303,9 +297,9 @@ def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str 
     else:
         info(f"{label}")
     try:
-        result = train(run.config, data_paths, run.directory, device=device, resume_from=resume_from,
-                       overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium",
-                       val_paths=val_paths)
+        result = train(TrainJob(run.config, data_paths, run.directory, device=device, resume_from=resume_from,
+                                overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium",
+                                val_paths=val_paths or []))
     except (TrainingFailed, UserError) as exc:
         # A learning rate too high for this batch, or a sequence length the data is too short for: a result for
         # this combination, not a reason to drop the others.

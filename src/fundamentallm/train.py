@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ import torch
 
 from fundamentallm import checkpoint as ckpt
 from fundamentallm import distributed
-from fundamentallm.config import Config, save_config
-from fundamentallm.console import Progress, duration, info, is_quiet, set_quiet, warn
+from fundamentallm.config import Config, resolve_config, save_config
+from fundamentallm.console import Progress, duration, info, is_quiet, set_quiet
 from fundamentallm.data import TokenData
 from fundamentallm.device import (
     PRECISION_NAMES,
@@ -38,8 +38,10 @@ from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.evaluate import estimate_loss
 from fundamentallm.generate import generate_tokens
 from fundamentallm.metrics import MetricsLog, bits_per_char, eta_seconds, perplexity
-from fundamentallm.optim import lr_at, optimizer_step, set_lr, warmup_for
-from fundamentallm.run import FineTune, Run, setup_run
+from fundamentallm.optim import lr_at, optimizer_step, set_lr
+from fundamentallm.plan import Planner, epochs_of, plan_steps, plan_text
+from fundamentallm.resume import check_resume_in_place, resolve_resume, training_state
+from fundamentallm.run import FineTune, Run, init_base, setup_run
 from fundamentallm.runfiles import (
     BEST,
     CONFIG,
@@ -60,18 +62,61 @@ class TrainResult:
     pruned: bool = False  # on_eval stopped the run
 
 
-def train(config: Config, data_paths: list[str], output_dir: Path, *, device: str = "auto",
-          resume_from: ckpt.Checkpoint | None = None, overwrite: bool = False, tensorboard: bool = False,
-          config_origin: str = "", on_eval: Callable[[int, float], bool] | None = None,
-          val_paths: list[str] | None = None, init: FineTune | None = None) -> TrainResult:
-    """Train a model on DATA as `config` says (validating on `val_paths` when given, else on the end of DATA),
-    writing checkpoints and metrics into `output_dir`.
+@dataclass
+class TrainJob:
+    """One run to train: the resolved config, the text, where it goes, and how it starts.
 
-    `on_eval(step, val_loss)`, when given, is called after each evaluation (a search uses it to prune hopeless
-    runs); when it returns True the run ends there as early stopping would end it, recorded as pruned. `init`
-    starts the new run from a trained model's weights (train --init-from)."""
-    output_dir = Path(output_dir)
-    dist, dev = distributed.init(select_device(device))  # under torchrun: this process's GPU, cuda:LOCAL_RANK
+    `resume_from` continues a checkpoint's run; `init` starts a new run from a trained model's weights (train
+    --init-from); `on_eval(step, val_loss)`, when given, is called after each evaluation (a search uses it to
+    prune hopeless runs): when it returns True the run ends there as early stopping would end it, recorded as
+    pruned. `val_paths` validate on other files instead of the end of the data."""
+
+    config: Config
+    data_paths: list[str]
+    output_dir: Path
+    device: str = "auto"
+    resume_from: ckpt.Checkpoint | None = None
+    overwrite: bool = False
+    tensorboard: bool = False
+    config_origin: str = ""  # how the header names the config: a preset, a file, a checkpoint
+    on_eval: Callable[[int, float], bool] | None = None
+    val_paths: list[str] = field(default_factory=list)
+    init: FineTune | None = None
+
+
+def train_job(data: list[str], config_name: str | None, overrides: list[tuple[str, Any, str]], output_dir: Path,
+              *, device: str, resume: str | None, overwrite: bool, init_from: str | None, extend_vocab: bool,
+              val_data: list[str], tensorboard: bool) -> TrainJob:
+    """`fundamentallm train`'s flags as a job: the run to continue (--resume) or start from (--init-from), the
+    data and validation files a resumed run had, and the config resolved over the right base."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; use one")
+    if init_from and resume:
+        raise UserError("--init-from starts a new run and --resume continues one; use one")
+    if extend_vocab and not init_from:
+        raise UserError("--extend-vocab grows the vocabulary of the model given with --init-from; give that too")
+    resume_from = resolve_resume(resume, output_dir, data)
+    if not data:
+        if resume_from is None:
+            raise UserError("missing DATA: give a text file, several files, or a directory of .txt files")
+        data = list(resume_from.data.files)
+    if not val_data and resume_from is not None:  # a resumed run validates on what it validated on before
+        val_data = list(resume_from.data.val_files)
+    init_checkpoint = ckpt.read_checkpoint(init_from) if init_from else None
+    base = (resume_from.config.to_dict(), f"checkpoint {resume_from.path}") if resume_from else \
+        init_base(init_checkpoint) if init_checkpoint else None
+    config = resolve_config(config_name, overrides, base=base)
+    init = FineTune(init_checkpoint, config, data, extend_vocab) if init_checkpoint else None
+    return TrainJob(config, data, Path(output_dir), device=device, resume_from=resume_from, overwrite=overwrite,
+                    tensorboard=tensorboard, config_origin=config_name or (base[1] if base else "medium (default)"),
+                    val_paths=val_data, init=init)
+
+
+def train(job: TrainJob) -> TrainResult:
+    """Train the job's model on its data as its config says, writing checkpoints and metrics into its
+    output directory."""
+    output_dir = job.output_dir
+    dist, dev = distributed.init(select_device(job.device))  # under torchrun: this process's GPU, cuda:LOCAL_RANK
     set_quiet(not dist.is_main)
     try:
         with contextlib.ExitStack() as held:
@@ -79,59 +124,30 @@ def train(config: Config, data_paths: list[str], output_dir: Path, *, device: st
                 earlier_run = []
                 if dist.is_main:  # the process that writes holds the directory: one live run per directory
                     held.enter_context(hold(output_dir))
-                    earlier_run = check_output_dir(output_dir, resume_from and resume_from.path, overwrite)
-                    if resume_from is not None:
-                        ckpt.check_resume_in_place(resume_from, output_dir)
-            return _train(config, data_paths, output_dir, dev, dist, resume_from, earlier_run, tensorboard,
-                          config_origin, on_eval, val_paths, init)
+                    resume_path = job.resume_from.path if job.resume_from else None
+                    earlier_run = check_output_dir(output_dir, resume_path, job.overwrite)
+                    if job.resume_from is not None:
+                        check_resume_in_place(job.resume_from, output_dir)
+            return _train(job, dev, dist, earlier_run)
     finally:
         distributed.shutdown(dist)
 
 
-def _train(config: Config, data_paths: list[str], output_dir: Path, dev: torch.device, dist: distributed.Dist,
-           resume_from: ckpt.Checkpoint | None, earlier_run: list[str], tensorboard: bool,
-           config_origin: str, on_eval: Callable[[int, float], bool] | None,
-           val_paths: list[str] | None, init: FineTune | None) -> TrainResult:
+def _train(job: TrainJob, dev: torch.device, dist: distributed.Dist, earlier_run: list[str]) -> TrainResult:
     """Set up, check what is left to do, write config.yaml, then run the loop."""
-    run = setup_run(config, data_paths, dev, dist, resume=resume_from, val_paths=val_paths, init=init)
-    run.on_eval = on_eval
+    output_dir, resume_from = job.output_dir, job.resume_from
+    run = setup_run(job.config, job.data_paths, dev, dist, resume=resume_from, val_paths=job.val_paths,
+                    init=job.init)
+    run.on_eval = job.on_eval
     total_steps = plan_steps(run, resumed=resume_from is not None, output_dir=output_dir)
     with distributed.collectively(dist):
         if dist.is_main:
             start_output_dir(output_dir, earlier_run, resume=resume_from is not None)
-            save_config(config, output_dir / CONFIG)
-    print_header(run, total_steps, output_dir, resume_from, config_origin)
-    log = open_metrics_log(run, total_steps, output_dir, resume_from, tensorboard) if dist.is_main else None
-    interrupted_by = _guarded_loop(run, total_steps, output_dir, log, config_origin)
+            save_config(job.config, output_dir / CONFIG)
+    print_header(run, total_steps, output_dir, resume_from, job.config_origin)
+    log = open_metrics_log(run, total_steps, output_dir, resume_from, job.tensorboard) if dist.is_main else None
+    interrupted_by = _guarded_loop(run, total_steps, output_dir, log, job.config_origin)
     return TrainResult(interrupted_by, wrote_files=dist.is_main, pruned=run.pruned)
-
-
-def plan_steps(run: Run, resumed: bool, output_dir: Path) -> int:
-    """The run's total number of optimizer steps (for now, when a time budget will fix it after the first
-    steps); refuses to resume a run that has nothing left to do."""
-    cfg, state = run.cfg, run.progress
-    # Counted from where the run stands, not as epochs x steps_per_epoch: a resumed run may take other steps
-    # per epoch than the run that wrote the checkpoint (another batch size or number of processes), and a
-    # max_steps run ends its last epoch early.
-    state.step_in_epoch = min(state.step_in_epoch, run.steps_per_epoch)
-    planned = state.step + (cfg.epochs - state.epochs_done) * run.steps_per_epoch - state.step_in_epoch
-    planned = state.planned_steps or planned  # a time budget's number of steps, once fixed, is the plan
-    total_steps = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
-    patience = cfg.early_stopping_patience
-    if resumed and patience and state.evals_without_improvement >= patience:
-        raise UserError(f"the run in {output_dir} stopped early at step {state.step:,}: validation loss had not "
-                        f"improved for {state.evals_without_improvement} evaluation(s). To train on anyway, resume "
-                        f"with a larger --set training.early_stopping_patience (or 0 to switch it off)")
-    if state.step >= total_steps:
-        limit = (f"training.max_steps={cfg.max_steps}; to train further, resume with a larger --max-steps (or "
-                 f"--set training.max_steps=null)" if total_steps == cfg.max_steps else
-                 "its time budget; to train further, resume with a larger --time-budget" if state.planned_steps
-                 else f"{cfg.epochs} epochs; to train further, resume with a larger --epochs")
-        raise UserError(f"the run in {output_dir} already finished its {total_steps:,} steps ({limit})")
-    if warmup_for(cfg, total_steps) < cfg.warmup_steps and not cfg.time_budget:
-        warn(f"warmup_steps {cfg.warmup_steps} is more than a tenth of this run's {total_steps:,} steps; warming "
-             f"up over {warmup_for(cfg, total_steps)} steps instead")
-    return total_steps
 
 
 def _guarded_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | None,
@@ -163,7 +179,7 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
     run.started_at = time.perf_counter() - state.elapsed_seconds
     window = LogWindow(state.pending_losses, state.pending_norms)
     state.pending_losses, state.pending_norms = [], []
-    speed = SpeedCheck(state.step)
+    planner = Planner(run, total_steps, config_origin)
     stopped_early = False
     run.step_model.train()
     while state.step < total_steps and not stopped_early:
@@ -181,11 +197,7 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
             state.tokens_seen += run.tokens_per_step
             window.add(loss, norm, run.tokens_per_step)
             bar.update()
-            planned, seconds_per_step = total_steps, speed.measure(state.step, loss, run.elapsed())
-            if seconds_per_step is not None:  # once per session, after its first steps
-                total_steps = settle_plan(run, total_steps, seconds_per_step, config_origin)
-            elif cfg.time_budget and speed.pace_due(state.step, total_steps):
-                total_steps = check_pace(run, total_steps, speed)
+            planned, total_steps = total_steps, planner.after_step(loss)  # a time budget re-plans as it goes
             if total_steps != planned:
                 epoch_steps = min(run.steps_per_epoch, state.step_in_epoch + total_steps - state.step)
                 bar.set_total(epoch_steps)
@@ -317,101 +329,6 @@ def end_epoch(run: Run, log: MetricsLog | None, output_dir: Path, stopped_early:
     return stopped_early
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The run's speed: what it says about the plan
-
-
-CALIBRATION_STEPS = 10  # steps timed at the start of each session (after one warm-up step)
-PACE_CHECKS = (0.5, 0.75)  # under a time budget, the steps are re-fixed at these fractions of the way
-
-
-class SpeedCheck:
-    """Times this session's steps 2 to CALIBRATION_STEPS + 1 (the first pays for compilation and warm-up). Under a
-    time budget it then says when to re-check the pace: the first steps can run 20-30% faster or slower than the
-    rest of a run (caches, clocks, evaluations), which alone would miss the budget by as much."""
-
-    def __init__(self, first_step: int) -> None:
-        self.first_step = first_step
-        self.start = 0.0
-        self.settled: tuple[int, float] | None = None  # step and run time when the timed steps ended
-        self.checks_left = list(PACE_CHECKS)
-
-    def measure(self, step: int, loss: torch.Tensor, elapsed: float) -> float | None:
-        """Seconds per step once the timed steps are done (at that one step; None at every other)."""
-        if step == self.first_step + 1:
-            loss.item()  # wait for the device, so the clock measures the steps, not their queueing
-            self.start = time.perf_counter()
-        elif step == self.first_step + 1 + CALIBRATION_STEPS:
-            loss.item()
-            self.settled = (step, elapsed)
-            return (time.perf_counter() - self.start) / CALIBRATION_STEPS
-        return None
-
-    def pace_due(self, step: int, total_steps: int) -> bool:
-        """Whether `step` is the next pace check (the same step on every rank: it depends on steps only)."""
-        if self.settled is None or not self.checks_left or step - self.settled[0] < CALIBRATION_STEPS:
-            return False
-        if step - self.settled[0] < self.checks_left[0] * (total_steps - self.settled[0]):
-            return False
-        self.checks_left.pop(0)
-        return True
-
-
-def settle_plan(run: Run, total_steps: int, seconds_per_step: float, config_origin: str) -> int:
-    """Report the measured speed; with a time budget not yet fixed, fix the number of steps so that the whole
-    schedule (evaluations included) fits in what is left of it. Returns the run's total steps."""
-    cfg, state = run.cfg, run.progress
-    per_epoch = seconds_per_step * run.steps_per_epoch
-    if cfg.time_budget and not state.planned_steps:
-        evals_per_step = 1 / run.steps_per_epoch + (1 / cfg.eval_interval if cfg.eval_interval else 0)
-        eval_seconds = _eval_seconds(run, seconds_per_step)
-        left = cfg.time_budget - run.elapsed() - eval_seconds  # the last evaluation
-        total_steps = _fix_steps(run, left / (seconds_per_step + eval_seconds * evals_per_step))
-        info(f"Time budget {duration(cfg.time_budget)}: {seconds_per_step:.3g} s per step, so {total_steps:,} steps "
-             f"in all (an epoch is {run.steps_per_epoch:,}); warmup {warmup_for(cfg, total_steps)} steps")
-    note = ""
-    if run.device.type == "cpu" and config_origin.endswith("(default)"):
-        note = ("; no GPU here and no --config given: --config fast-cpu trains a good character model on a CPU "
-                "in minutes")
-    info(f"Speed: {run.tokens_per_step / seconds_per_step:,.0f} tokens/s, about {duration(per_epoch)} per epoch "
-         f"and {duration(seconds_per_step * (total_steps - state.step) + run.elapsed())} for the run's steps "
-         f"(evaluations come on top){note}")
-    return total_steps
-
-
-def check_pace(run: Run, total_steps: int, speed: SpeedCheck) -> int:
-    """Re-fix a time budget's steps from the pace since the timed steps, evaluations included (they recur at
-    the same rate). A cosine schedule stretches or shrinks a little from here; wsd's stable phase absorbs it."""
-    step, elapsed = speed.settled
-    seconds_per_step = (run.elapsed() - elapsed) / (run.progress.step - step)
-    left = run.cfg.time_budget - run.elapsed() - _eval_seconds(run, seconds_per_step)  # the last evaluation
-    planned = _fix_steps(run, left / seconds_per_step)
-    info(f"Time budget, pace at step {run.progress.step:,}: {seconds_per_step:.3g} s per step (evaluations "
-         f"included), so {planned:,} steps in all (planned: {total_steps:,})")
-    return planned
-
-
-def _eval_seconds(run: Run, seconds_per_step: float) -> float:
-    # An evaluation reads its tokens forward only: about a third of a training step's work per token.
-    cfg = run.cfg
-    eval_tokens = len(run.val_tokens) if not cfg.eval_batches else min(
-        len(run.val_tokens), cfg.eval_batches * cfg.batch_size * cfg.sequence_length)
-    return eval_tokens / run.tokens_per_step * seconds_per_step / 3
-
-
-def _fix_steps(run: Run, steps_left: float) -> int:
-    """Record the run's total steps: at least one more than done, at most max_steps, the same on every rank."""
-    state, max_steps = run.progress, run.cfg.max_steps
-    steps = state.step + max(1, int(steps_left))
-    state.planned_steps = distributed.smallest_on_all_ranks(run.dist, min(steps, max_steps or steps))
-    return state.planned_steps
-
-
-def epochs_of(run: Run, total_steps: int) -> int:
-    """How many epochs (the last maybe partial) `total_steps` covers: what the bar counts to."""
-    return max(run.progress.epochs_done + 1, -(-total_steps // run.steps_per_epoch))
-
-
 def val_bits_per_char(run: Run, val_loss: float) -> float:
     """Bits per character of the validation text, from a loss per token measured on it (or on part of it)."""
     return bits_per_char(val_loss, len(run.data.val), run.data.val_chars)
@@ -419,7 +336,7 @@ def val_bits_per_char(run: Run, val_loss: float) -> float:
 
 def save_checkpoint(run: Run, path: Path, resumable: bool = True) -> None:
     """Called on every rank at the same points (resumable ones gather every rank's RNG state); rank 0 writes."""
-    state = ckpt.training_state(run.optimizer, run.scaler, run.sampler, run.device, run.dist) \
+    state = training_state(run.optimizer, run.scaler, run.sampler, run.device, run.dist) \
         if resumable else None
     if not run.dist.is_main:
         return
@@ -544,19 +461,6 @@ def _tokenized(data: TokenData) -> str:
         return ""
     rate = data.text_bytes / data.build_seconds / 1e6
     return f" (tokenized in {data.build_seconds:.1f}s, {rate:.0f} MB/s, into the token cache)"
-
-
-def plan_text(run: Run, total_steps: int) -> str:
-    """How many steps and why, with arithmetic that holds whatever ends the run."""
-    cfg, per_epoch = run.cfg, run.steps_per_epoch
-    if cfg.time_budget and not run.progress.planned_steps:
-        return (f"time budget {duration(cfg.time_budget)} (steps fixed after the first {CALIBRATION_STEPS + 1}; "
-                f"an epoch is {per_epoch:,} optimizer steps)")
-    if total_steps == cfg.epochs * per_epoch:
-        return f"{cfg.epochs} epoch(s) x {per_epoch:,} optimizer steps = {total_steps:,} steps"
-    reason = ("its time budget" if run.progress.planned_steps else
-              "max_steps" if total_steps == cfg.max_steps else "where the run stands")
-    return f"{total_steps:,} steps ({reason}; an epoch is {per_epoch:,} optimizer steps)"
 
 
 def print_header(run: Run, total_steps: int, output_dir: Path, resume_from: ckpt.Checkpoint | None,
