@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+# fundamentallm before torch, as in every command: importing it settles how PyTorch's CPU threads wait (a short
+# spin, see fundamentallm/__init__.py), which its OpenMP runtime reads once, when torch is first imported. Child
+# processes inherit the setting through os.environ.
+# isort: off
+import fundamentallm  # noqa: F401
 import torch
+# isort: on
+import pytest
 from helpers import ALICE
 
 

@@ -223,7 +223,8 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", help="Text to continue. Without it, prompts are read from the terminal.")
+@click.option("-p", "--prompt",
+              help="Text to continue. Without it, prompts are read one per line from the terminal or a pipe.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=500, show_default=True,
               help="Tokens to generate per sample (characters, for a char model).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
@@ -287,8 +288,9 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
                 run(line)
             except UserError as exc:  # a bad prompt should not end the session
                 click.echo(f"error: {exc}", err=True)
-    else:
-        run(sys.stdin.read())
+    else:  # piped text: one prompt per line, as at the terminal
+        for line in sys.stdin:
+            run(line.rstrip("\r\n"))
 
 
 # ----------------------------------------------------------------------------------------------------------

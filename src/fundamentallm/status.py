@@ -75,13 +75,21 @@ def run_status(run_dir: Path, now: float | None = None) -> RunStatus:
     evals = [r for r in records if r.get("kind") == "eval"]
     # The run record is written by the current session (rewritten on resume), so it knows about more epochs.
     status.epochs = run.get("config", {}).get("training", {}).get("epochs")
-    status.total_steps = run.get("total_steps")
+    # The plan as the progress bar has it: a time budget (or max_steps) fixes the steps after the run record
+    # was written, and train records carry the plan as it stood.
+    planned = next((r["total_steps"] for r in reversed(trains) if "total_steps" in r), None)
+    status.total_steps = planned or run.get("total_steps")
+    per_epoch = run.get("steps_per_epoch")
+    if status.total_steps and per_epoch:  # as the bar's "Epoch i/N": the epochs the planned steps reach
+        status.epochs = -(-status.total_steps // per_epoch)
     stepped = [r for r in records if "step" in r]
     if stepped:
         last = stepped[-1]
         status.step = last["step"]
         status.elapsed_seconds = last.get("elapsed")
         status.epoch = max((r["epoch"] for r in stepped if "epoch" in r), default=None)
+        if status.epoch and status.epochs:
+            status.epochs = max(status.epochs, status.epoch)
     if trains:
         status.train_loss, status.train_loss_step = trains[-1].get("train_loss"), trains[-1]["step"]
         status.lr, status.tokens_per_sec = trains[-1].get("lr"), trains[-1].get("tokens_per_sec")

@@ -38,7 +38,7 @@ from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.evaluate import estimate_loss
 from fundamentallm.generate import generate_tokens
 from fundamentallm.metrics import MetricsLog, bits_per_char, eta_seconds, perplexity
-from fundamentallm.optim import lr_at, optimizer_step, set_lr
+from fundamentallm.optim import lr_at, optimizer_step, set_lr, warmup_for
 from fundamentallm.plan import Planner, epochs_of, plan_steps, plan_text
 from fundamentallm.resume import check_resume_in_place, resolve_resume, training_state
 from fundamentallm.run import FineTune, Run, init_base, setup_run
@@ -209,7 +209,7 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
             elif not window.records:  # before this session's first record, show every step's loss
                 bar.set_postfix(train_loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             if eval_due:
-                stopped_early = evaluate(run, log, output_dir)
+                stopped_early = evaluate(run, log, output_dir, mid_epoch=True)
                 window.start = time.perf_counter()  # tokens/s measures training, not evaluation
                 if stopped_early:
                     break
@@ -251,15 +251,16 @@ def log_train(run: Run, window: LogWindow, log: MetricsLog | None, epoch: int, l
     bar.set_postfix({"train_loss": f"{state.train_loss:.4f}", "lr": f"{lr:.2e}",
                      "tokens/s": f"{tokens_per_sec:,.0f}", "eta": duration(eta)})  # eta: the run's, as in status
     if log is not None:
-        log.write({"kind": "train", "step": state.step, "epoch": epoch, "train_loss": state.train_loss,
-                   "lr": lr, "grad_norm": sum(norms) / len(norms), "tokens_per_sec": tokens_per_sec,
+        log.write({"kind": "train", "step": state.step, "epoch": epoch, "total_steps": total_steps,
+                   "train_loss": state.train_loss, "lr": lr, "grad_norm": sum(norms) / len(norms),
+                   "tokens_per_sec": tokens_per_sec,
                    "elapsed": now - run.started_at, **memory_stats(run.device)})
     window.reset()
 
 
-def evaluate(run: Run, log: MetricsLog | None, output_dir: Path) -> bool:
+def evaluate(run: Run, log: MetricsLog | None, output_dir: Path, mid_epoch: bool = False) -> bool:
     """Validation loss, logged, with a short sample; keeps best_model.pt. Returns True when early stopping (or
-    on_eval) says to stop."""
+    on_eval) says to stop. In the middle of an epoch the loss is printed here (end_epoch prints the epoch's)."""
     cfg, state = run.cfg, run.progress
     val_loss = estimate_loss(run.model, run.val_tokens, cfg.batch_size, run.device, run.amp,
                              cfg.eval_batches * cfg.batch_size, run.dist)
@@ -269,6 +270,9 @@ def evaluate(run: Run, log: MetricsLog | None, output_dir: Path) -> bool:
         state.best_val_loss, state.evals_without_improvement = val_loss, 0
     else:
         state.evals_without_improvement += 1
+    if mid_epoch:
+        info(f"  step {state.step:,}: val_loss={val_loss:.4f}, perplexity={perplexity(val_loss):.2f}, "
+             f"bpc={val_bits_per_char(run, val_loss):.3f}" + ("  (best)" if improved else ""))
     sample = sample_text(run) if cfg.sample_tokens and run.dist.is_main else None
     if log is not None:
         log.write({"kind": "eval", "step": state.step, "epoch": state.epochs_done + 1,
@@ -479,11 +483,14 @@ def print_header(run: Run, total_steps: int, output_dir: Path, resume_from: ckpt
     info(f"Model: {config_origin or 'config'}: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, "
          f"d_ff {m.d_ff}, context {t.sequence_length}: {run.model.num_parameters():,} parameters")
     effective = t.batch_size * t.gradient_accumulation_steps * dist.world_size
+    # The warm-up the schedule will use (plan_steps warned when it is shorter than asked); a time budget's is
+    # reported once its steps are fixed.
+    warmup = t.warmup_steps if t.time_budget and not run.progress.planned_steps else warmup_for(t, total_steps)
     info(f"Training: {plan_text(run, total_steps)}; batch "
          f"{t.batch_size} x accumulation {t.gradient_accumulation_steps}"
          + (f" x {dist.world_size} processes" if dist.enabled else "")
          + f" = {effective} sequences ({run.tokens_per_step:,} tokens) per step; lr {t.learning_rate:g} "
-         f"{t.scheduler}, warmup {t.warmup_steps}")
+         f"{t.scheduler}, warmup {warmup}")
     if resume_from is not None:
         p = resume_from.progress
         info(f"Resuming from {resume_from.path} at step {p.step:,} (epoch {p.epochs_done + 1})")
