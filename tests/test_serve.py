@@ -160,14 +160,16 @@ def test_api_key_is_required(server: Server) -> None:
     ({"prompt": "Alice €"}, 400, "prompt", "'€'"),
     ({"prompt": "Alice " * 20}, 400, "prompt", "context holds 32"),
     ({"prompt": "A", "max_tokens": 100_000}, 400, "max_tokens", "4096"),
-    ({"prompt": "A", "max_tokens": 0}, 400, "max_tokens", "greater than"),
+    ({"prompt": "A", "max_tokens": 0}, 400, "max_tokens", "echo"),
+    ({"prompt": "A", "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
+    ({"prompt": [5, 100_000]}, 400, "prompt", "token ids"),
     ({"prompt": "A", "temperature": -1}, 400, "temperature", "greater than"),
     ({"prompt": "A", "temperature": "hot"}, 400, "temperature", "number"),
     ({"prompt": "A", "top_p": 0}, 400, "top_p", "greater than"),
     ({"prompt": "A", "n": 17}, 400, "n", "16"),
     ({"prompt": ["A"] * 9, "n": 2}, 400, "prompt", "16"),
     ({"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
-    ({"prompt": "A", "logprobs": 3}, 400, "logprobs", "not supported"),
+    ({"prompt": "A", "best_of": 3}, 400, "best_of", "not supported"),
     ('{"prompt": "A", "temperature": NaN}', 400, "temperature", "finite"),
     ("x" * 1_100_000, 413, None, "larger than"),
 ])
@@ -321,3 +323,135 @@ def test_pending_text_holds_back_what_may_start_a_stop_sequence() -> None:
     assert pending_text("hello world", 6, ["world"]) == ("", True)
     assert pending_text("say: ab", 3, ["abc", "b"]) == (": a", True)
     assert pending_text("xx\n", 2, ["\n\n"]) == ("", False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-probabilities and echo
+
+
+def test_echoed_prompt_logprobs_sum_to_minus_evaluates_nats(server: Server, client: openai.OpenAI,
+                                                             checkpoint: Path, tmp_path: Path) -> None:
+    # Longer than the context (32): scored in the same windows as evaluate.
+    text = (ROOT / "examples" / "alice.txt").read_text(encoding="utf-8")[5_000:5_300]
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    result = run_cli("evaluate", checkpoint, tmp_path / "text.txt", "--json", "--device", "cpu")
+    evaluation = json.loads(result.stdout)
+    nats = evaluation["loss_per_token"] * evaluation["predictions"]
+
+    choice = client.completions.create(model="m", prompt=text, max_tokens=0, echo=True, logprobs=0).choices[0]
+    logprobs = choice.logprobs
+    assert choice.text == text and choice.finish_reason == "length" and "".join(logprobs.tokens) == text
+    assert logprobs.token_logprobs[0] is None and len(logprobs.token_logprobs) == evaluation["tokens"]
+    assert logprobs.text_offset == list(range(len(text)))
+    assert abs(-sum(logprobs.token_logprobs[1:]) - nats) <= 1e-3 * nats
+    # The same prompt as token ids, as evaluation tools send it.
+    status, ids = request(server.port, "POST", "/tokenize", {"prompt": text}, {"Authorization": f"Bearer {KEY}"})
+    assert status == 200 and len(ids["tokens"]) == len(text)
+    as_ids = client.completions.create(model="m", prompt=ids["tokens"], max_tokens=0, echo=True, logprobs=0)
+    assert as_ids.choices[0].logprobs.token_logprobs == logprobs.token_logprobs
+    assert request(server.port, "POST", "/detokenize", {"tokens": ids["tokens"]},
+                   {"Authorization": f"Bearer {KEY}"})[1]["prompt"] == text
+
+
+def test_logprobs_of_generated_tokens(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model="m", prompt="Alice", max_tokens=20, seed=3, logprobs=3).choices[0]
+    logprobs = plain.logprobs
+    assert "".join(logprobs.tokens) == plain.text and logprobs.text_offset == list(range(20))
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(top) == 3 and logprob <= max(top.values()) <= 0
+        assert token not in top or abs(top[token] - logprob) < 1e-5
+    # Greedy: every token is its position's most likely one.
+    greedy = client.completions.create(model="m", prompt="Alice", max_tokens=10, temperature=0, logprobs=1)
+    greedy_logprobs = greedy.choices[0].logprobs
+    assert all(list(top) == [token] for token, top in zip(greedy_logprobs.tokens, greedy_logprobs.top_logprobs,
+                                                          strict=True))
+    # Echo with generation: the prompt's tokens first (the first one null), offsets run on into the completion.
+    echoed = client.completions.create(model="m", prompt="Alice", max_tokens=20, seed=3, logprobs=3,
+                                       echo=True).choices[0]
+    assert echoed.text == "Alice" + plain.text
+    assert echoed.logprobs.tokens == list("Alice") + logprobs.tokens
+    assert echoed.logprobs.token_logprobs[0] is None and echoed.logprobs.top_logprobs[0] is None
+    assert echoed.logprobs.token_logprobs[5:] == logprobs.token_logprobs
+    assert echoed.logprobs.text_offset == list(range(25))
+    # Streamed: the pieces' log-probabilities add up to the plain answer's.
+    tokens, token_logprobs = [], []
+    for chunk in client.completions.create(model="m", prompt="Alice", max_tokens=20, seed=3, logprobs=3,
+                                           stream=True):
+        if chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            token_logprobs += chunk.choices[0].logprobs.token_logprobs
+    assert tokens == logprobs.tokens and token_logprobs == logprobs.token_logprobs
+    # Stopped: the log-probabilities end with the text (the stop sequence's tokens are not reported).
+    stopped = client.completions.create(model="m", prompt="Alice", max_tokens=20, seed=3, logprobs=1,
+                                        stop=plain.text[8:10]).choices[0]
+    assert "".join(stopped.logprobs.tokens) == stopped.text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat
+
+
+def chat(client: openai.OpenAI, content: str, **params) -> list:
+    return client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                          **params).choices
+
+
+def test_chat_with_the_plain_template(client: openai.OpenAI) -> None:
+    # The built-in template: "role: content" lines, then "assistant:" for the model to continue.
+    (first,) = chat(client, "Alice", max_tokens=30, seed=4)
+    assert first.message.role == "assistant" and first.finish_reason == "length"
+    assert first.message.content == complete(client, prompt="user: Alice\nassistant:", max_tokens=30, seed=4)
+    assert chat(client, "Alice", max_tokens=30, seed=4)[0].message.content == first.message.content
+
+    pieces, roles, finish = [], [], None
+    for chunk in client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Alice"}],
+                                                max_tokens=30, seed=4, stream=True):
+        delta = chunk.choices[0].delta
+        roles += [delta.role] if delta.role else []
+        pieces += [delta.content] if delta.content else []
+        finish = chunk.choices[0].finish_reason or finish
+    assert roles == ["assistant"] and "".join(pieces) == first.message.content and finish == "length"
+
+    both = chat(client, "Alice", max_tokens=30, seed=4, n=2)
+    assert [c.message.content for c in both] == [first.message.content,
+                                                 chat(client, "Alice", max_tokens=30, seed=5)[0].message.content]
+    stop = first.message.content[10:12]
+    stopped = chat(client, "Alice", max_tokens=30, seed=4, stop=[stop])[0]
+    assert stopped.message.content == first.message.content[:first.message.content.find(stop)]
+    assert stopped.finish_reason == "stop"
+    with_logprobs = chat(client, "Alice", max_tokens=30, seed=4, logprobs=True, top_logprobs=2)[0]
+    assert "".join(t.token for t in with_logprobs.logprobs.content) == first.message.content
+    assert all(len(t.top_logprobs) == 2 for t in with_logprobs.logprobs.content)
+
+
+def test_chat_with_a_template_file(checkpoint: Path, tmp_path: Path) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{% if m.role == 'system' %}"
+                        "{{ raise_exception('system messages are not supported') }}{% endif %}"
+                        "{{ m.content }}{% endfor %}", encoding="utf-8")
+    server = Server(checkpoint, tmp_path / "server.log", "--chat-template", str(template))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert chat(client, "Alice", max_tokens=20, seed=2)[0].message.content == \
+            complete(client, prompt="Alice", max_tokens=20, seed=2)
+        with pytest.raises(openai.BadRequestError, match="system messages are not supported"):
+            client.chat.completions.create(model="m", max_tokens=5, messages=[
+                {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Alice"}])
+        status, info = request(server.port, "GET", "/tokenizer_info")
+        assert status == 200 and info["chat_template"] == template.read_text()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("source", "needle"), [
+    ("{% for m in messages %}{{ m.content }", "not a valid Jinja template"),
+    ("{{ messages[0].content.__class__.__mro__ }}", "cannot render"),
+    ("{{ raise_exception('never') }}", "never"),
+])
+def test_bad_chat_templates_are_refused_at_start(checkpoint: Path, tmp_path: Path, source: str,
+                                                 needle: str) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text(source, encoding="utf-8")
+    assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--chat-template", template),
+                       "--chat-template", needle)
+    assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--chat-template", tmp_path), "is a directory")

@@ -499,13 +499,17 @@ def bench(data: Path, device: str, rows: str | None, steps: int | None, generati
               help="Require 'Authorization: Bearer KEY' on the API.")
 @click.option("--slots", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests generated at the same time; more wait in a queue.")
+@click.option("--chat-template", type=click.Path(path_type=Path), default=None,
+              help="A Jinja chat template file (as transformers' chat_template) for /v1/chat/completions; "
+                   "default: 'role: content' lines, then 'assistant:'.")
 @_device_option()
 @_threads_option()
-def serve(checkpoint: Path, host: str, port: int, api_key: str | None, slots: int, device: str) -> None:
+def serve(checkpoint: Path, host: str, port: int, api_key: str | None, slots: int, chat_template: Path | None,
+          device: str) -> None:
     """Serve CHECKPOINT over an OpenAI-compatible HTTP API, with a playground page at /."""
     from fundamentallm.serve import run_server
 
-    run_server(checkpoint, host, port, api_key, slots, device)
+    run_server(checkpoint, host, port, api_key, slots, device, chat_template)
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ import difflib
 import os
 import re
 import reprlib
-import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fundamentallm.errors import UserError
-from fundamentallm.files import atomic_write_bytes
+from fundamentallm.files import atomic_write_bytes, read_small_text
 
 PRESETS_PACKAGE = "fundamentallm.configs"
 
@@ -291,34 +290,10 @@ def load_config_source(name_or_path: str) -> tuple[dict[str, Any], str]:
 
 
 def _read_config_file(path: Path) -> str:
-    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8. Opened without blocking
-    and checked with fstat, so a FIFO, a device (/dev/zero) or a directory is refused instead of read forever."""
-    hint = f"give a YAML file or one of the presets {', '.join(preset_names())}"
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except PermissionError:
-        raise UserError(f"cannot read config file {path}: permission denied") from None
-    except OSError as exc:
-        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise UserError(f"--config {path} is a directory; {hint}")
-        raise UserError(f"--config {path} is not a regular file (a device, pipe or socket); {hint}")
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-        except OSError as exc:
-            raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise UserError(f"--config {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a configuration is a few "
-                        f"hundred bytes of YAML: is this the right file?")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"config file {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at byte offset "
-                        f"{exc.start:,})") from None
+    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8."""
+    return read_small_text(path, "--config", MAX_CONFIG_BYTES,
+                           f"give a YAML file (a configuration is a few hundred bytes) or one of the presets "
+                           f"{', '.join(preset_names())}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ characters, so that char, byte and BPE models can be ranked on the same text.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +79,38 @@ def score_tokens(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int,
     distributed.all_reduce_sum(dist, totals)
     nats, predictions, unknown_nats, unknown_predictions = totals.tolist()
     return Score(nats, int(predictions), unknown_nats, int(unknown_predictions))
+
+
+@dataclass
+class TokenLogprobs:
+    """Per prediction i (the token at position i + 1 of the text, given those before it): its log-probability and
+    the `top` most likely tokens with theirs, best first."""
+
+    logprobs: torch.Tensor  # (n - 1,) float32
+    top_ids: torch.Tensor  # (n - 1, top) int64
+    top_logprobs: torch.Tensor  # (n - 1, top) float32
+
+
+@torch.inference_mode()
+def token_logprobs(model: GPT, tokens: list[int], top: int = 0, batch_size: int = 32) -> TokenLogprobs:
+    """Every token's log-probability after the first, in the same windows and float32 log-softmax as
+    score_tokens (so their sum is minus its nats on the same tokens); the model must be in eval mode (it is not
+    switched here, since a server's other threads use it)."""
+    device = next(model.parameters()).device
+    ids, top = np.asarray(tokens, dtype=np.int64), min(top, model.vocab_size)
+    chosen, top_ids, top_logprobs = [torch.zeros(0)], [torch.zeros(0, top, dtype=torch.long)], [torch.zeros(0, top)]
+    windows = eval_windows(len(ids), model.context_length)
+    for i in range(0, len(windows), batch_size):
+        # Only the last window may be shorter: grouping by length keeps the text's order.
+        for length, group in itertools.groupby(windows[i : i + batch_size], key=lambda window: window[1]):
+            batch = gather_windows(ids, torch.tensor([start for start, _ in group]), length, device)
+            logits, _ = model(batch[:, :-1])
+            logp = logits.float().log_softmax(dim=-1).flatten(0, 1)
+            chosen.append(logp.gather(-1, batch[:, 1:].reshape(-1, 1)).squeeze(-1).cpu())
+            best = logp.topk(top, dim=-1)
+            top_ids.append(best.indices.cpu())
+            top_logprobs.append(best.values.cpu())
+    return TokenLogprobs(torch.cat(chosen), torch.cat(top_ids), torch.cat(top_logprobs))
 
 
 def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int, device: torch.device,

@@ -12,6 +12,7 @@ import errno
 import fnmatch
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +27,37 @@ _SLOW_WRITE_ENV = "FUNDAMENTALLM_TEST_SLOW_WRITE"
 _FAIL_WRITE_ENV = "FUNDAMENTALLM_TEST_FULL_DISK_AFTER"
 _FAIL_WRITE_FILES_ENV = "FUNDAMENTALLM_TEST_FULL_DISK_FILES"
 TEMP_PREFIX = ".fundamentallm-tmp-"  # distinct enough that cleaning up never touches a user's own files
+
+
+def read_small_text(path: Path, option: str, max_bytes: int, hint: str) -> str:
+    """The text of a small input file (a config, a template): a regular file of at most `max_bytes` of UTF-8.
+    Opened without blocking and checked with fstat, so a FIFO, a device (/dev/zero) or a directory is refused
+    instead of read forever. Every problem is one UserError naming `option` and the file; `hint` says what to
+    give instead."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except PermissionError:
+        raise UserError(f"cannot read {option} {path}: permission denied") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {option} {path}: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{option} {path} is a directory; {hint}")
+        raise UserError(f"{option} {path} is not a regular file (a device, pipe or socket); {hint}")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise UserError(f"cannot read {option} {path}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{option} {path} is larger than {max_bytes >> 20} MiB; {hint}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{option} {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at byte offset "
+                        f"{exc.start:,})") from None
 
 
 class _TestWriter:

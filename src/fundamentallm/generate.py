@@ -55,10 +55,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
 def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Iterator[int]:
     """Yield `max_new_tokens` token ids continuing `prompt` (which must fit in the context), one at a time."""
+    return (token for token, _ in generate_steps(model, prompt, max_new_tokens, temperature, top_k, top_p,
+                                                 generator))
+
+
+@torch.inference_mode()
+def generate_steps(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0,
+                   generator: torch.Generator | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """As generate_tokens, each token with the logits (V,) it was sampled from (for its log-probability)."""
     device = next(model.parameters()).device
     context = model.context_length
     keep = max(1, context // 2)  # tokens kept when the window slides
@@ -69,7 +77,7 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperat
     for i in range(max_new_tokens):
         next_id = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)[0])
         tokens.append(next_id)
-        yield next_id
+        yield next_id, logits[0, -1]
         if i == max_new_tokens - 1:
             break
         if cache.length == context:  # slide: rebuild the cache from the most recent tokens
@@ -88,6 +96,9 @@ def encode_prompt(tokenizer: Tokenizer, text: str, context: int, strict: bool = 
     if len(ids) >= context:
         raise UserError(f"the prompt is {len(ids):,} {unit}, but this model's context holds {context:,}; "
                         f"shorten it to fewer than {context:,} {unit}")
-    if not ids:
-        ids = [0] if tokenizer.unknown_chars("\n") else tokenizer.encode("\n")
-    return ids, unseen
+    return ids or start_tokens(tokenizer), unseen
+
+
+def start_tokens(tokenizer: Tokenizer) -> list[int]:
+    """What generation starts from when the prompt is empty: a line break when the model knows one."""
+    return [0] if tokenizer.unknown_chars("\n") else tokenizer.encode("\n")

@@ -1,7 +1,10 @@
 """`fundamentallm serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) and a playground page.
 
-Endpoints: POST /v1/completions (plain, or streamed as server-sent events exactly as OpenAI streams them),
-GET /v1/models, GET /health (load, for readiness checks) and GET / (the playground, static/playground.html).
+Endpoints: POST /v1/completions (plain, or streamed as server-sent events exactly as OpenAI streams them; with
+`logprobs` and `echo`, so evaluation tools can score text), POST /v1/chat/completions (messages rendered into
+one prompt by a chat template, chat.py), GET /v1/models, POST /tokenize and /detokenize and GET /tokenizer_info
+(as vLLM's server has them), GET /health (load, for readiness checks) and GET / (the playground,
+static/playground.html). The shapes of requests and answers are in api.py.
 
 Concurrency: one worker thread owns the model and advances every active request by one token in turn, each
 request with its own KV cache (a `generate.generate_tokens` iterator), so tokens reach all clients at once.
@@ -10,8 +13,10 @@ tokens per second, but on a CPU a row's logits in a batch differ from the same r
 seeded request's text would depend on what else the server is doing; this way it never does, and it is exactly
 what `fundamentallm generate --seed` prints. The README gives the measurements behind this choice.
 
-Every error is OpenAI's JSON shape {"error": {"message", "type", "param", "code"}} with a 4xx code for the
-client's mistakes; a client that goes away cancels its requests, which frees their slots at the next token.
+An echoed prompt is scored by `evaluate.token_logprobs` in a thread of its own (one prompt at a time): the same
+windows and float32 log-softmax as `fundamentallm evaluate`, so its log-probabilities sum to minus evaluate's
+nats on the same text. Every error is OpenAI's JSON shape with a 4xx code for the client's mistakes; a client
+that goes away cancels its requests, which frees their slots at the next token.
 """
 
 from __future__ import annotations
@@ -32,8 +37,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fundamentallm.api import (
+    MAX_TOKENS,
+    ApiError,
+    ChatRequest,
+    ChatShape,
+    Choice,
+    CompletionRequest,
+    CompletionShape,
+    DetokenizeRequest,
+    SamplingRequest,
+    TokenizeRequest,
+    check_completion,
+    parse_body,
+    parse_request,
+)
+from fundamentallm.chat import ChatTemplate, TemplateFailed, load_chat_template
 from fundamentallm.errors import UserError
 
 try:  # the optional extra: without it, `fundamentallm serve` is one clear error
@@ -44,54 +64,41 @@ try:  # the optional extra: without it, `fundamentallm serve` is one clear error
 except ImportError:
     raise UserError("fundamentallm serve needs FastAPI and uvicorn: pip install 'fundamentallm[serve]'") from None
 
-from fundamentallm.generate import encode_prompt, generate_tokens
+from fundamentallm.evaluate import token_logprobs
+from fundamentallm.generate import generate_steps, start_tokens
+from fundamentallm.logprobs import Logprobs, Tracker, prompt_logprobs
 from fundamentallm.model import GPT
-from fundamentallm.tokenizer import CharTokenizer
+from fundamentallm.tokenizer import Tokenizer
 
-MAX_BODY_BYTES = 1 << 20  # a prompt never needs more: it must fit in the model's context
-MAX_TOKENS = 4096  # per choice; generation slides its window, so this bounds time, not memory
-MAX_CHOICES = 16  # prompts x n in one request
-MAX_STOPS = 4
+MAX_BODY_BYTES = 1 << 20  # a prompt never needs more: it must fit in the model's context (or be scored alone)
 QUEUE_PER_SLOT = 4  # waiting requests allowed per slot before the server answers 503
 DISCONNECT_CHECK_SECONDS = 0.5  # how often a plain (not streamed) request checks that its client is still there
 GRACE_SECONDS = 10  # on Ctrl-C / SIGTERM, in-flight requests get this long to finish before they are cut off
-UNSUPPORTED = {  # OpenAI parameters this server does not implement, and the values that mean "not used"
-    "echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-}
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI's JSON error object."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions; `top_k` is an extension (OpenAI has none). Unknown keys are ignored."""
-
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
-
-    model: str | None = None
-    prompt: str | list[str] = ""
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stream: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The engine: one worker thread, one KV cache per request
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as the engine reports it."""
+
+    text: str  # the decoded text this token releases (may be empty: held back for a stop sequence)
+    token: int
+    logprob: float  # the model's log-softmax at temperature 1
+    top: list[tuple[int, float]]  # the TOP_LOGPROBS most likely tokens at temperature 1, best first
+
+
+@dataclass
+class FinishEvent:
+    """A choice's last event."""
+
+    reason: str  # "stop", "length", or "error: ..." when generation failed
+    text: str = ""  # text held back until now (it could have begun a stop sequence)
+
+
+TOP_LOGPROBS = 5  # alternatives in every TokenEvent
 
 
 @dataclass(eq=False)  # compared by identity: the engine finds a job in its queue
@@ -99,9 +106,9 @@ class Job:
     """One choice of one request: its token stream, its stop sequences and where its events go."""
 
     index: int
-    tokens: Iterator[int]
+    steps: Iterator[tuple[int, torch.Tensor]]  # (token, the logits it was sampled from)
     stops: list[str]
-    emit: Any  # callable(index, text, finish_reason): called from the worker thread
+    emit: Any  # callable(index, TokenEvent | FinishEvent): called from the worker thread
     text: str = ""
     sent: int = 0  # characters of `text` already emitted
     generated: int = 0
@@ -122,7 +129,7 @@ def pending_text(text: str, sent: int, stops: list[str]) -> tuple[str, bool]:
 class Engine:
     """Runs jobs round-robin in one thread: each turn advances every active job by one token."""
 
-    def __init__(self, model: GPT, tokenizer: CharTokenizer, slots: int) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int) -> None:
         self.model, self.tokenizer, self.slots = model, tokenizer, slots
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -180,23 +187,29 @@ class Engine:
             job.done = True
             return
         try:
-            token = next(job.tokens, None)
+            step = next(job.steps, None)
         except Exception as exc:  # a bug, not the client's fault: end this job, keep serving the others
             traceback.print_exc()
             job.done = True
-            job.emit(job.index, None, f"error: {type(exc).__name__}: {exc}")
+            job.emit(job.index, FinishEvent(f"error: {type(exc).__name__}: {exc}"))
             return
-        if token is None:  # max_tokens reached: whatever was held back for a stop sequence goes out now
+        if step is None:  # max_tokens reached: whatever was held back for a stop sequence goes out now
             job.done = True
-            job.emit(job.index, job.text[job.sent:], "length")
+            job.emit(job.index, FinishEvent("length", job.text[job.sent:]))
             return
+        token, logits = step
+        logp = logits.float().log_softmax(dim=-1)
+        best = logp.topk(min(TOP_LOGPROBS, logp.numel()))
         job.generated += 1
         self.tokens_generated += 1
         job.text += self.tokenizer.decode([token])
         ready, stopped = pending_text(job.text, job.sent, job.stops)
         job.sent += len(ready)
         job.done = stopped
-        job.emit(job.index, ready, "stop" if stopped else None)
+        job.emit(job.index, TokenEvent(ready, token, float(logp[token]),
+                                       list(zip(best.indices.tolist(), best.values.tolist(), strict=True))))
+        if stopped:
+            job.emit(job.index, FinishEvent("stop"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,7 +221,12 @@ class Served:
     model_id: str
     engine: Engine
     api_key: str | None
+    chat_template: ChatTemplate = field(default_factory=lambda: load_chat_template(None))
     created: int = field(default_factory=lambda: int(time.time()))
+    scoring: threading.Lock = field(default_factory=threading.Lock)  # one prompt scored at a time
+
+
+Shape = type[CompletionShape] | type[ChatShape]
 
 
 def _check_key(served: Served, authorization: str | None) -> None:
@@ -234,39 +252,32 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-def parse_request(body: bytes) -> CompletionRequest:
-    """Validate a completions body; every problem becomes a 400 naming the parameter."""
-    try:
-        params = CompletionRequest.model_validate_json(body)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        param = ".".join(str(part) for part in error["loc"]) or None
-        if error["type"] == "json_invalid":
-            raise ApiError(400, f"the body is not valid JSON ({error['msg']})") from None
-        if error["type"] == "model_type":
-            raise ApiError(400, "the body must be a JSON object") from None
-        raise ApiError(400, f"{param}: {error['msg']}" if param else error["msg"], param=param) from None
-    for name, neutral in UNSUPPORTED.items():
-        if (params.model_extra or {}).get(name) not in neutral:
-            raise ApiError(400, f"{name} is not supported by this server; leave it out", param=name)
-    stops = [params.stop] if isinstance(params.stop, str) else params.stop or []
-    if len(stops) > MAX_STOPS or not all(stops):
-        raise ApiError(400, f"stop: give at most {MAX_STOPS} non-empty strings", param="stop")
-    prompts = [params.prompt] if isinstance(params.prompt, str) else params.prompt
-    if not prompts or len(prompts) * params.n > MAX_CHOICES:
-        raise ApiError(400, f"give 1 to {MAX_CHOICES} completions per request (prompts x n)", param="prompt")
-    return params
+def prompt_ids(served: Served, prompt: str | list[int], refuse_long: bool) -> list[int]:
+    """A prompt's token ids (given as text, or as ids). With `refuse_long`, it must leave room in the context
+    to generate (an echoed prompt may be longer: it is scored in full, and continued from its last tokens)."""
+    tokenizer, context = served.engine.tokenizer, served.engine.model.context_length
+    if isinstance(prompt, str):
+        try:
+            ids = tokenizer.encode(prompt, what="prompt", strict=True)
+        except UserError as exc:
+            raise ApiError(400, str(exc), param="prompt", code="invalid_prompt") from None
+    elif not all(0 <= token < tokenizer.vocab_size for token in prompt):
+        raise ApiError(400, f"prompt: token ids must be 0 to {tokenizer.vocab_size - 1} (this model's vocabulary)",
+                       param="prompt", code="invalid_prompt")
+    else:
+        ids = list(prompt)
+    if refuse_long and len(ids) >= context:
+        unit = "characters" if tokenizer.kind == "char" else "tokens"
+        raise ApiError(400, f"the prompt is {len(ids):,} {unit}, but this model's context holds {context:,}; "
+                            f"shorten it to fewer than {context:,} {unit} (with echo, any length is scored)",
+                       param="prompt", code="context_length_exceeded")
+    return ids
 
 
-def _jobs(served: Served, params: CompletionRequest, emit: Any) -> tuple[list[Job], int]:
-    """One job per (prompt, n); choice i of a seeded request uses seed + i. Also returns the prompt tokens."""
-    engine, prompts = served.engine, [params.prompt] if isinstance(params.prompt, str) else params.prompt
-    context, device = engine.model.context_length, next(engine.model.parameters()).device
-    stops = [params.stop] if isinstance(params.stop, str) else params.stop or []
-    try:
-        encoded = [encode_prompt(engine.tokenizer, text, context, strict=True)[0] for text in prompts]
-    except UserError as exc:
-        raise ApiError(400, str(exc), param="prompt", code="invalid_prompt") from None
+def _jobs(served: Served, params: SamplingRequest, prompts: list[list[int]], emit: Any) -> list[Job]:
+    """One job per (prompt, n); choice i of a seeded request uses seed + i."""
+    engine = served.engine
+    device, keep = next(engine.model.parameters()).device, engine.model.context_length - 1
     jobs = []
     for index in range(len(prompts) * params.n):
         generator = torch.Generator(device)
@@ -274,19 +285,78 @@ def _jobs(served: Served, params: CompletionRequest, emit: Any) -> tuple[list[Jo
             generator.seed()
         else:
             generator.manual_seed(params.seed + index)
-        tokens = generate_tokens(engine.model, encoded[index // params.n], params.max_tokens, params.temperature,
-                                 params.top_k, params.top_p, generator)
-        jobs.append(Job(index, tokens, stops, emit))
-    return jobs, sum(len(ids) for ids in encoded) * params.n
+        steps = generate_steps(engine.model, prompts[index // params.n][-keep:] or start_tokens(engine.tokenizer),
+                               params.max_tokens or 0, params.temperature, params.top_k, params.top_p, generator)
+        jobs.append(Job(index, steps, params.stops(), emit))
+    return jobs
 
 
-def _chunk(served: Served, cid: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": served.model_id,
+async def _echoes(served: Served, prompts: list[list[int]], top: int | None) -> list[Logprobs | None]:
+    """Each prompt's tokens with their log-probabilities (in a thread: a long prompt is many forward passes)."""
+    if top is None:
+        return [None] * len(prompts)
+    model, tokenizer = served.engine.model, served.engine.tokenizer
+
+    def score() -> list[Logprobs | None]:
+        with served.scoring:
+            return [prompt_logprobs(tokenizer, ids, token_logprobs(model, ids, top), top) for ids in prompts]
+
+    return await asyncio.to_thread(score)
+
+
+def _new_choices(served: Served, params: SamplingRequest, texts: list[str], echoes: list[Logprobs | None],
+                 ) -> list[Choice]:
+    """Choice i (of prompt i // n) starts with that prompt's echo, when asked for, and counts offsets after it."""
+    top = params.alternatives()
+    choices = []
+    for index in range(len(texts) * params.n):
+        echo, text = echoes[index // params.n], texts[index // params.n]
+        tracker = None if top is None else Tracker(served.engine.tokenizer, top, len(text))
+        logprobs = None if top is None else Logprobs()
+        if echo is not None and logprobs is not None:
+            logprobs.extend(echo)
+        choices.append(Choice(text, "" if params.max_tokens else "length", logprobs, tracker))
+    return choices
+
+
+def _chunk(served: Served, kind: str, cid: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"id": cid, "object": kind, "created": int(time.time()), "model": served.model_id,
             "choices": choices, "system_fingerprint": None, **extra}
 
 
-def _choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+async def _respond(served: Served, request: Request, params: SamplingRequest, shape: Shape,
+                   prompts: list[list[int]], choices: list[Choice]) -> Any:
+    """Run the choices' jobs and answer: one JSON object, or server-sent events when `stream` is set."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def emit(index: int, event: TokenEvent | FinishEvent) -> None:
+        with suppress(RuntimeError):  # the event loop is gone: the server is shutting down
+            loop.call_soon_threadsafe(events.put_nowait, (index, event))
+
+    jobs = _jobs(served, params, prompts, emit) if params.max_tokens else []
+    served.engine.submit(jobs)
+    cid = f"{shape.id_prefix}{secrets.token_hex(12)}"
+    if params.stream:
+        return StreamingResponse(_stream(served, shape, cid, choices, jobs, events),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        await _collect(request, choices, events)
+    finally:
+        served.engine.cancel(jobs)
+    prompt_tokens = sum(len(ids) for ids in prompts) * params.n
+    completion_tokens = sum(job.generated for job in jobs)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    return _chunk(served, shape.object, cid, [shape.choice(i, c) for i, c in enumerate(choices)], usage=usage)
+
+
+def _take(choice: Choice, event: TokenEvent | FinishEvent) -> Logprobs | None:
+    """Add an engine event to its choice; returns the log-probabilities released with its text."""
+    if isinstance(event, FinishEvent):
+        if event.reason.startswith("error"):
+            raise ApiError(500, f"generation failed ({event.reason})", kind="server_error")
+        return choice.take(event.text, finish=event.reason)
+    return choice.take(event.text, (event.token, event.logprob, event.top))
 
 
 def create_app(served: Served) -> FastAPI:
@@ -330,69 +400,106 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         _check_key(served, request.headers.get("authorization"))
-        params = parse_request(await _read_body(request))
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        return await _completions(served, request, parse_request(await _read_body(request), CompletionRequest))
 
-        def emit(index: int, text: str | None, finish: str | None) -> None:
-            with suppress(RuntimeError):  # the event loop is gone: the server is shutting down
-                loop.call_soon_threadsafe(events.put_nowait, (index, text, finish))
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        _check_key(served, request.headers.get("authorization"))
+        return await _chat(served, request, parse_request(await _read_body(request), ChatRequest))
 
-        jobs, prompt_tokens = _jobs(served, params, emit)
-        served.engine.submit(jobs)
-        cid = f"cmpl-{secrets.token_hex(12)}"
-        if params.stream:
-            return StreamingResponse(_stream(served, cid, jobs, events), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            texts, finishes = await _collect(request, jobs, events)
-        finally:
-            served.engine.cancel(jobs)
-        completion_tokens = sum(job.generated for job in jobs)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        return _chunk(served, cid, [_choice(i, texts[i], finishes[i]) for i in range(len(jobs))], usage=usage)
+    # The tokenizer, as vLLM's server offers it (lm-evaluation-harness's remote tokenizer uses these three).
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        _check_key(served, request.headers.get("authorization"))
+        ids = prompt_ids(served, parse_body(await _read_body(request), TokenizeRequest).prompt, False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.engine.model.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        _check_key(served, request.headers.get("authorization"))
+        tokens = parse_body(await _read_body(request), DetokenizeRequest).tokens
+        return {"prompt": served.engine.tokenizer.decode(prompt_ids(served, tokens, False))}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict[str, Any]:
+        _check_key(served, request.headers.get("authorization"))
+        tokenizer = served.engine.tokenizer
+        return {"tokenizer_class": f"fundamentallm {tokenizer.kind}", "vocab_size": tokenizer.vocab_size,
+                "model_max_length": served.engine.model.context_length, "bos_token": None, "eos_token": None,
+                "pad_token": None, "chat_template": served.chat_template.source}
 
     return app
 
 
-async def _collect(request: Request, jobs: list[Job], events: asyncio.Queue) -> tuple[list[str], list[str]]:
-    """Gather every choice's text; give up (the caller cancels the jobs) if the client disconnects meanwhile."""
-    texts, finishes = [""] * len(jobs), [""] * len(jobs)
+async def _completions(served: Served, request: Request, params: CompletionRequest) -> Any:
+    params, given = check_completion(params), params.prompts()
+    prompts = [prompt_ids(served, prompt, not params.echo) for prompt in given]
+    texts = [""] * len(given)
+    if params.echo:
+        texts = [p if isinstance(p, str) else served.engine.tokenizer.decode(p) for p in given]
+    echoes = await _echoes(served, prompts, params.logprobs if params.echo else None)
+    return await _respond(served, request, params, CompletionShape, prompts,
+                          _new_choices(served, params, texts, echoes))
+
+
+async def _chat(served: Served, request: Request, params: ChatRequest) -> Any:
+    """The messages rendered by the chat template into one prompt, completed n times. max_tokens (or its newer
+    name max_completion_tokens) is by default a context's worth of tokens."""
+    params.max_tokens = params.max_completion_tokens or params.max_tokens or \
+        min(MAX_TOKENS, served.engine.model.context_length)
+    try:
+        prompt = served.chat_template.render([message.as_dict() for message in params.messages])
+    except TemplateFailed as exc:
+        raise ApiError(400, f"{served.chat_template.name} cannot render these messages: {exc}",
+                       param="messages", code="chat_template_error") from None
+    return await _respond(served, request, params, ChatShape, [prompt_ids(served, prompt, True)],
+                          _new_choices(served, params, [""], [None]))
+
+
+async def _collect(request: Request, choices: list[Choice], events: asyncio.Queue) -> None:
+    """Fill in every choice; give up (the caller cancels the jobs) if the client disconnects meanwhile."""
     loop = asyncio.get_running_loop()
     next_check = loop.time() + DISCONNECT_CHECK_SECONDS
-    while not all(finishes):
+    while not all(choice.finish for choice in choices):
         try:
-            index, text, finish = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_SECONDS)
+            index, event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_SECONDS)
         except asyncio.TimeoutError:
             pass
         else:
-            texts[index] += text or ""
-            if finish and finish.startswith("error"):
-                raise ApiError(500, f"generation failed ({finish})", kind="server_error")
-            finishes[index] = finish or ""
+            _take(choices[index], event)
         if loop.time() >= next_check:  # by the clock: events may never pause long enough for a timeout
             next_check = loop.time() + DISCONNECT_CHECK_SECONDS
             if await request.is_disconnected():
                 raise ApiError(499, "client disconnected")
-    return texts, finishes
 
 
-async def _stream(served: Served, cid: str, jobs: list[Job], events: asyncio.Queue) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI sends them: one chunk per piece of text, a last chunk per choice with its
-    finish_reason, then [DONE]. Cancelled (client gone, or shutdown cut short) -> the jobs are cancelled."""
+async def _stream(served: Served, shape: Shape, cid: str, choices: list[Choice], jobs: list[Job],
+                  events: asyncio.Queue) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them: a first chunk per choice (the echoed prompt, or the chat role),
+    one chunk per piece of text, a last chunk per choice with its finish_reason, then [DONE]. Cancelled (client
+    gone, or shutdown cut short) -> the jobs are cancelled."""
+    def event(index: int, text: str, finish: str | None, logprobs: Logprobs | None, first: bool = False) -> str:
+        piece = shape.piece(index, text, finish, logprobs, first)
+        return f"data: {json.dumps(_chunk(served, shape.chunk_object, cid, [piece]))}\n\n"
+
     try:
+        for index, choice in enumerate(choices):
+            yield event(index, choice.text, choice.finish, choice.logprobs, first=True)
         remaining = len(jobs)
         while remaining:
-            index, text, finish = await events.get()
-            if finish and finish.startswith("error"):
-                error = ApiError(500, f"generation failed ({finish})", kind="server_error")
+            index, update = await events.get()
+            try:
+                released = _take(choices[index], update)
+            except ApiError as error:
                 yield f"data: {json.dumps(error.body())}\n\n"
                 return
-            if text:
-                yield f"data: {json.dumps(_chunk(served, cid, [_choice(index, text, None)]))}\n\n"
-            if finish:
+            if isinstance(update, FinishEvent):
                 remaining -= 1
-                yield f"data: {json.dumps(_chunk(served, cid, [_choice(index, '', finish)]))}\n\n"
+                if update.text or released:  # held-back text, then the finish on its own (as OpenAI sends it)
+                    yield event(index, update.text, None, released)
+                yield event(index, "", update.reason, None)
+            elif update.text:
+                yield event(index, update.text, None, released)
         yield "data: [DONE]\n\n"
     finally:
         served.engine.cancel(jobs)
@@ -413,16 +520,17 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run_server(checkpoint: Path, host: str, port: int, api_key: str | None, slots: int,
-               device: str = "auto") -> None:
+               device: str = "auto", chat_template: Path | None = None) -> None:
     """Load the checkpoint and serve it until Ctrl-C or SIGTERM (the CLI's --threads sets torch's threads)."""
     from fundamentallm.checkpoint import load_model
     from fundamentallm.device import select_device
 
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty; give a key, or leave the option (and FUNDAMENTALLM_API_KEY) out")
+    template = load_chat_template(chat_template)
     sock = _bind(host, port)
     loaded = load_model(checkpoint, select_device(device))
-    served = Served(str(checkpoint), Engine(loaded.model, loaded.tokenizer, slots), api_key)
+    served = Served(str(checkpoint), Engine(loaded.model, loaded.tokenizer, slots), api_key, template)
     shown_host, shown_port = sock.getsockname()[:2]
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     print(f"Serving {checkpoint} at http://{shown_host}:{shown_port}/ (playground) and "
