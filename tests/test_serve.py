@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import re
 import signal
@@ -297,6 +298,24 @@ def test_playground_streams_into_the_page(server: Server, client: openai.OpenAI)
             assert page.text_content("#completion") == expected
             assert page.evaluate("window.updates") > 10
             assert page.text_content("#shown-prompt") == "Alice"
+            # Each generated character is a span coloured by its probability; hovering shows the alternatives.
+            tokens = client.completions.create(model="m", prompt="Alice", max_tokens=200, temperature=0.8, seed=11,
+                                               logprobs=5).choices[0].logprobs
+            spans = page.query_selector_all("#completion .token")
+            assert [span.text_content() for span in spans] == tokens.tokens
+            shown = [float(span.evaluate("s => s.style.getPropertyValue('--p')")) for span in spans]
+            assert shown == pytest.approx([math.exp(p) for p in tokens.token_logprobs], abs=1e-3)
+            assert spans[3].evaluate("s => getComputedStyle(s).backgroundColor") != "rgba(0, 0, 0, 0)"
+            spans[3].hover()
+            assert page.is_visible("#tooltip")
+            lines = page.text_content("#tooltip").splitlines()
+            alternatives = tokens.top_logprobs[3]
+            assert len(lines) == 5 + (tokens.tokens[3] not in alternatives)
+            best, best_logprob = max(alternatives.items(), key=lambda item: item[1])
+            assert lines[0].split()[-1] == f"{100 * math.exp(best_logprob):.1f}%"
+            assert sum(line.startswith("\u25b8") for line in lines) == 1  # the chosen token is marked
+            page.uncheck("#colour")
+            assert spans[3].evaluate("s => getComputedStyle(s).backgroundColor") == "rgba(0, 0, 0, 0)"
             # A bad prompt shows the server's error.
             page.fill("#prompt", "Alice €")
             page.click("#generate")
