@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def test_hf_export_computes_our_function(arch: str, text: Path, tmp_path: Path) 
     config = json.loads((out / "config.json").read_text())
     # a standard class: no custom code
     assert config["model_type"] == arch.partition("-")[0] and "auto_map" not in config
+    check_model_card(out, tmp_path / "run", text)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     ours = load_model(checkpoint)
@@ -165,3 +167,90 @@ def test_onnx_runtime_gives_our_logits(text: Path, tmp_path: Path) -> None:
         assert ids == [ours.encode(s) for s in batch]
         (logits,) = session.run(["logits"], {"input_ids": np.array(ids, dtype=np.int64)})
         assert np.abs(logits - our_logits(checkpoint, ids).numpy()).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Byte and BPE models: the tokenizer, the special token, the logits, the model card
+
+NON_ASCII = ("Café, naïve, résumé — Ünïcödé straße. Привет, как дела? Всё хорошо. 中文字符，你好世界。 "
+             "Ελληνικά κείμενα. 😀🎉 emoji!\r\n  indented\u2028line\n\n")
+TRICKY = [NON_ASCII, "é", "😀", "\u0100 is the letter that names byte 0; \x00 is byte 0 itself", " \n  \n\t x\r\ry",
+          "\u00e9\u0301 e\u0301 (composed and combining)", "日本語のテキスト", ""]
+
+
+@pytest.fixture
+def multilingual(tmp_path: Path) -> Path:
+    """English from the sample book with non-ASCII sentences woven in: every tokenizer meets multi-byte text."""
+    english = ALICE.read_text(encoding="utf-8")[:6_000].split("\n\n")
+    path = tmp_path / "multilingual.txt"
+    path.write_text("\n\n".join(f"{p}\n{NON_ASCII}" for p in english), encoding="utf-8")
+    return path
+
+
+BYTE_LEVEL = {"byte": ["--set", "data.tokenizer=byte"],
+              "bpe": ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300",
+                      "--set", "model.position_embedding=rope"]}
+
+
+@pytest.mark.parametrize("kind", BYTE_LEVEL)
+def test_byte_and_bpe_models_export_exactly(kind: str, multilingual: Path, tmp_path: Path) -> None:
+    import onnxruntime
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train_tiny(multilingual, tmp_path / "run", *BYTE_LEVEL[kind], *STEPS)
+    checkpoint = tmp_path / "run" / "final_model.pt"
+    export(checkpoint, tmp_path / "hf", "hf")
+    export(checkpoint, tmp_path / "onnx", "onnx")
+    check_model_card(tmp_path / "hf", tmp_path / "run", multilingual)
+    ours = load_model(checkpoint).tokenizer
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    onnx_tokenizer = Tokenizer.from_file(str(tmp_path / "onnx" / "tokenizer.json"))
+    for sample in TRICKY:
+        ids = ours.encode(sample)
+        assert theirs(sample)["input_ids"] == ids == onnx_tokenizer.encode(sample).ids, sample
+        assert theirs.decode(ids) == sample
+    # Cuts inside a character decode as ours do: U+FFFD for each incomplete sequence.
+    ids = ours.encode("é😀中x")
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids) + 1):
+            assert theirs.decode(ids[i:j]) == ours.decode(ids[i:j]), ids[i:j]
+
+    # One existing id is begin, end and padding token (lm-eval needs one); ordinary text never encodes to it.
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert theirs.bos_token_id == theirs.eos_token_id == theirs.pad_token_id == config["eos_token_id"]
+    assert ours.decode([theirs.eos_token_id]) == "\x00" and config["vocab_size"] == len(theirs) == ours.vocab_size
+
+    text = multilingual.read_text(encoding="utf-8")
+    context = load_model(checkpoint).model.context_length
+    ids = [ours.encode(text[-400:])[:context], ours.encode(NON_ASCII)[:context]]
+    ids[1] += [theirs.pad_token_id] * (context - len(ids[1]))  # a batch of equal lengths
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(torch.tensor(ids)).logits
+    (onnx,) = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx")).run(
+        ["logits"], {"input_ids": np.array(ids, dtype=np.int64)})
+    expected = our_logits(checkpoint, ids)
+    assert (hf - expected).abs().max().item() < 1e-4
+    assert np.abs(onnx - expected.numpy()).max() < 1e-4
+
+
+def check_model_card(out: Path, run: Path, data: Path) -> None:
+    """The Hub's metadata parses, and the text gives the run's own figures."""
+    import yaml
+
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n")
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
+    assert "fundamentallm" in metadata["tags"] and "license" not in metadata  # the owner's choice
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r.get("kind") == "eval"][-1]
+    loaded = load_model(run / "final_model.pt")
+    figures = [f"{records[0]['parameters']:,}", f"vocabulary {records[0]['vocab_size']:,}", data.name,
+               hashlib.sha256(data.read_bytes()).hexdigest(), f"{loaded.checkpoint.data.num_chars:,} characters",
+               f"**{final['val_loss']:.4f}**", f"**{final['bits_per_char']:.4f} bits per character**",
+               f"fundamentallm train {data.name} --config config.yaml", f'from_pretrained("{out.name}")']
+    for figure in figures:
+        assert figure in card, figure
+    config = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert config == yaml.safe_load((run / "config.yaml").read_text())

@@ -18,12 +18,14 @@ imported only here, inside the functions that need them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
 import shutil
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,8 @@ from fundamentallm.config import ModelConfig
 from fundamentallm.errors import UserError
 from fundamentallm.files import FILE_MODE
 from fundamentallm.model import GPT
-from fundamentallm.tokenizer import UNKNOWN
+from fundamentallm.modelcard import model_card
+from fundamentallm.tokenizer import UNKNOWN, byte_of_symbol
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
 RMS_NORM_EPS = 1e-6  # model.py's RMSNorm eps (blocks, final norm and QK-norm alike)
@@ -56,6 +59,7 @@ def export(checkpoint: Path, out: Path, fmt: str, overwrite: bool = False) -> li
     loaded = load_model(checkpoint, "cpu")
     if fmt == "hf":
         hf_architecture(loaded.config.model)  # refuse an unmappable model before touching the disk
+        writer = functools.partial(_write_hf, name=out.name)  # the model card names the directory
     _publish(out, lambda tmp: writer(loaded, tmp))
     return sorted(p for p in out.rglob("*") if p.is_file())
 
@@ -124,14 +128,14 @@ def hf_architecture(cfg: ModelConfig) -> str:
     return "qwen3" if cfg.qk_norm else "llama"
 
 
-def _hf_config(arch: str, model: GPT) -> Any:
+def _hf_config(arch: str, model: GPT, boundary_id: int | None) -> Any:
     import transformers
 
     cfg, vocab, context = model.cfg, model.vocab_size, model.context_length
-    # A character model has no begin/end/padding tokens; the architectures' defaults (e.g. eos=2) would make
-    # generation stop at an ordinary character.
-    common = {"vocab_size": vocab, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None,
-              "eos_token_id": None, "pad_token_id": None}
+    # Our models have no begin/end/padding tokens of their own: the tokenizer's boundary token stands for all
+    # three (ExportedTokenizer). The architectures' defaults (e.g. eos=2) would be an ordinary character.
+    common = {"vocab_size": vocab, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": boundary_id,
+              "eos_token_id": boundary_id, "pad_token_id": boundary_id}
     # transformers' ACT2FN names our MLPs: "gelu" is the exact (erf) GELU, "relu2" ReLU squared.
     if arch == "gpt2":
         return transformers.GPT2Config(
@@ -216,31 +220,62 @@ def _hf_weights(arch: str, model: GPT) -> dict[str, torch.Tensor]:
     return w
 
 
-def _write_hf(loaded: LoadedModel, out: Path) -> None:
+def _write_hf(loaded: LoadedModel, out: Path, name: str) -> None:
     import transformers
 
     arch = hf_architecture(loaded.config.model)
-    hf_model = transformers.AutoModelForCausalLM.from_config(_hf_config(arch, loaded.model), dtype=torch.float32)
+    exported = tokenizers_tokenizer(loaded.tokenizer.to_dict())
+    boundary_id = exported.tokenizer.token_to_id(exported.boundary) if exported.boundary is not None else None
+    hf_model = transformers.AutoModelForCausalLM.from_config(_hf_config(arch, loaded.model, boundary_id),
+                                                             dtype=torch.float32)
     hf_model.load_state_dict(_hf_weights(arch, loaded.model), strict=True)  # every weight accounted for
-    # Our `generate` defaults: sample from the whole distribution at temperature 0.8. transformers does not slide
-    # the window as we do, so prompt plus new tokens must fit the context (learned positions end there).
+    # Our `generate` defaults: sample from the whole distribution at temperature 0.8, and no token ends the text
+    # (eos_token_id None). transformers does not slide the window as we do, so prompt plus new tokens must fit
+    # the context (learned positions end there).
     hf_model.generation_config = transformers.GenerationConfig(
         do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=loaded.model.context_length // 2,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        bos_token_id=boundary_id, eos_token_id=None, pad_token_id=boundary_id)
     transformers.utils.logging.disable_progress_bar()  # a bar per file of a tiny export is noise
     hf_model.save_pretrained(out)
-    hf_tokenizer(loaded.tokenizer.to_dict(), loaded.model.context_length).save_pretrained(out)
+    hf_tokenizer(exported, loaded.model.context_length).save_pretrained(out)
+    _write_model_card(loaded, arch, exported, out, name)
+
+
+def _write_model_card(loaded: LoadedModel, arch: str, exported: ExportedTokenizer, out: Path, name: str) -> None:
+    if exported.boundary is None:
+        special = ("No beginning- or end-of-text token is declared: the model was trained before an unknown token "
+                   "was reserved and has no token to spare. Tools that need one take it as an argument "
+                   "(lm-eval: `prefix_token_id=0`).")
+    else:
+        token_id = exported.tokenizer.token_to_id(exported.boundary)
+        what = "the unknown token" if loaded.tokenizer.kind == "char" else "the NUL byte, which text never needs"
+        special = (f"Token {token_id} ({what}) is declared as the beginning- and end-of-text and padding token: "
+                   f"the model has no token of its own for them, and a new one would change its probabilities. "
+                   f"Encoding never adds it; lm-evaluation-harness starts each text from it.")
+    card = model_card(loaded.checkpoint, loaded.model, arch, name, special)
+    (out / "README.md").write_text(card, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizers, in the `tokenizers` library's terms. One builder per tokenizer "type" (the key our tokenizers'
-# to_dict() writes); byte and BPE tokenizers add theirs to _TOKENIZER_BUILDERS.
+# to_dict() writes), each giving the same ids as our tokenizer for any text.
 
 
-def _char_tokenizer(data: dict[str, Any]) -> tuple[Any, str | None]:
+@dataclass
+class ExportedTokenizer:
+    tokenizer: Any  # a tokenizers.Tokenizer
+    unknown: str | None  # the text of the unknown token, None when there is none
+    # The token declared as beginning and end of text (bos/eos/pad), for tools that need one (lm-eval's rolling
+    # log-likelihood starts every text from it). Always an existing id that ordinary text does not need: our
+    # models have no token of their own for it, and a new id would change the softmax over the vocabulary.
+    boundary: str | None
+
+
+def _char_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
     """One token per code point, ids as in CharTokenizer: every code point is its own piece (the regex matches
     any code point, line breaks included), looked up in a word-level vocabulary; the pieces decode by simple
-    concatenation. The unknown token shows as U+FFFD, as our decode shows it."""
+    concatenation. The unknown token shows as U+FFFD, as our decode shows it, and is the boundary token (a model
+    trained before the unknown token was reserved has no token to spare, so it declares none)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = data["chars"]
@@ -254,28 +289,65 @@ def _char_tokenizer(data: dict[str, Any]) -> tuple[Any, str | None]:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unknown or "<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    return tokenizer, unknown
+    return ExportedTokenizer(tokenizer, unknown, unknown)
 
 
-_TOKENIZER_BUILDERS: dict[str, Callable[[dict[str, Any]], tuple[Any, str | None]]] = {"char": _char_tokenizer}
+def _nul_symbol() -> str:
+    """How byte-level vocabularies write byte 0 (NUL): the boundary token of byte and BPE models, since text
+    never needs it."""
+    return next(symbol for symbol, byte in byte_of_symbol().items() if byte == 0)
 
 
-def tokenizers_tokenizer(data: dict[str, Any]) -> tuple[Any, str | None]:
-    """A `tokenizers.Tokenizer` giving the same ids as our tokenizer described by `data` (its to_dict()), and
-    the text of its unknown token (None when it has none)."""
+def _byte_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
+    """The 256 bytes as a byte-level BPE without merges: id = byte value, as in ByteTokenizer. The byte-level
+    decoder joins the bytes and replaces invalid UTF-8 with U+FFFD, as our decode does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE(vocab=byte_of_symbol(), merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return ExportedTokenizer(tokenizer, None, _nul_symbol())
+
+
+# Where str.splitlines() cuts: BPETokenizer encodes line by line, so no merge spans a line break.
+_LINE_BREAKS = "\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]"
+
+
+def _bpe_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
+    """Our BPE already is a `tokenizers` byte-level BPE; its JSON is kept, with one pre-tokenizer in front that
+    cuts after every line break, as BPETokenizer.encode_array does before encoding."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    tokenizer = Tokenizer.from_str(data["json"])
+    lines = pre_tokenizers.Split(Regex(_LINE_BREAKS), behavior="merged_with_previous")
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([lines, tokenizer.pre_tokenizer])
+    return ExportedTokenizer(tokenizer, None, _nul_symbol())
+
+
+_TOKENIZER_BUILDERS: dict[str, Callable[[dict[str, Any]], ExportedTokenizer]] = {
+    "char": _char_tokenizer, "byte": _byte_tokenizer, "bpe": _bpe_tokenizer}
+
+
+def tokenizers_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
+    """A `tokenizers.Tokenizer` giving the same ids as our tokenizer described by `data` (its to_dict()), with
+    its unknown and boundary tokens."""
     kind = data.get("type")
     if kind not in _TOKENIZER_BUILDERS:
         raise UserError(f"tokenizer type {kind!r} cannot be exported yet")
     return _TOKENIZER_BUILDERS[kind](data)
 
 
-def hf_tokenizer(data: dict[str, Any], context_length: int) -> Any:
+def hf_tokenizer(exported: ExportedTokenizer, context_length: int) -> Any:
     """The tokenizer as a transformers PreTrainedTokenizerFast (loads with AutoTokenizer, no custom code)."""
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer, unknown = tokenizers_tokenizer(data)
-    # No space clean-up on decode: it would turn " ." into "." and break the round trip.
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=unknown, model_max_length=context_length,
+    boundary = exported.boundary
+    # No space clean-up on decode: it would turn " ." into "." and break the round trip. split_special_tokens:
+    # the special tokens' text in a string is encoded as ordinary text (the byte-level symbol of NUL is the
+    # letter U+0100), so any text gets the ids our tokenizer gives it.
+    return PreTrainedTokenizerFast(tokenizer_object=exported.tokenizer, unk_token=exported.unknown,
+                                   bos_token=boundary, eos_token=boundary, pad_token=boundary,
+                                   split_special_tokens=True, model_max_length=context_length,
                                    clean_up_tokenization_spaces=False)
 
 
@@ -318,5 +390,4 @@ def _write_onnx(loaded: LoadedModel, out: Path) -> None:
     finally:
         onnx_log.setLevel(level)
     program.save(str(out / "model.onnx"))
-    tokenizer, _ = tokenizers_tokenizer(loaded.tokenizer.to_dict())
-    tokenizer.save(str(out / "tokenizer.json"))
+    tokenizers_tokenizer(loaded.tokenizer.to_dict()).tokenizer.save(str(out / "tokenizer.json"))

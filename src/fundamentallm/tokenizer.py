@@ -214,7 +214,7 @@ def _tokenizers_library() -> Any:
     return tokenizers
 
 
-def _byte_of_symbol() -> dict[str, int]:
+def byte_of_symbol() -> dict[str, int]:
     """Byte-level BPE writes each byte as one printable character (the GPT-2 convention the tokenizers library
     follows): printable Latin-1 bytes stand for themselves, the other 68 bytes for code points 256 and up, in
     byte order."""
@@ -235,7 +235,7 @@ class BPETokenizer(Tokenizer):
         except Exception as exc:  # the library raises its own exception types on malformed JSON
             raise ValueError(f"not a BPE tokenizer: {exc}") from None
         self._json = json_text
-        byte_of = _byte_of_symbol()
+        byte_of = byte_of_symbol()
         vocab = self._tokenizer.get_vocab()
         self._bytes: list[bytes] = [b""] * len(vocab)
         for symbol, token in vocab.items():
