@@ -10,12 +10,14 @@ import json
 import math
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
 from fundamentallm import __version__
+from fundamentallm.config import RANGE_TEST, config_field
 from fundamentallm.errors import TrainingFailed, UserError
 
 
@@ -94,7 +96,8 @@ def _device_option() -> Any:
 
 def _config_option() -> Any:
     return click.option("-c", "--config", "config_name", metavar="NAME|PATH",
-                        help="Preset (small, medium, large, fast-cpu) or a YAML file. Default: medium.")
+                        show_default="medium; on --resume, the checkpoint's",
+                        help="Preset (small, medium, large, fast-cpu) or a YAML file.")
 
 
 def _set_option(help: str = "Set any config key, e.g. --set training.warmup_steps=50 (repeatable).") -> Any:
@@ -135,6 +138,52 @@ def _output_dir_option(default: str, help: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Flags that set a config key: type, bounds and help come from the Config field, so they are written once
+
+_FLAG_KEYS: dict[str, str] = {}  # the option's parameter name -> the config key it sets
+
+
+def _key_option(key: str, *names: str, type: Any = None, metavar: str | None = None, more_help: str = "") -> Any:
+    """A click option for config key `key` ("training.batch_size"), with the field's type and bounds (unless
+    `type` is given: a flag that also takes words, such as --learning-rate auto), its description as help and its
+    default shown. The option's value is None when the flag is not given, so the preset or YAML file decides."""
+    field = config_field(key)
+    if not field.description:
+        raise TypeError(f"Config field {key} has no description= to show as the help of {names[-1]}")
+    option = click.option(*names, type=type or _click_type(field), metavar=metavar, default=None,
+                          show_default=f"from --config, else {_shown(field.default)}",
+                          help=f"{field.description[0].upper()}{field.description[1:]}{more_help} ({key}).")
+
+    def register(function: Any) -> Any:
+        decorated = option(function)
+        name = decorated.__click_params__[-1].name  # click.option appends the new option there
+        if _FLAG_KEYS.setdefault(name, key) != key:
+            raise TypeError(f"{names[-1]} sets {key} here and {_FLAG_KEYS[name]} elsewhere")
+        return decorated
+
+    return register
+
+
+def _click_type(field: Any) -> click.ParamType:
+    """The click type of a Config field: a number with the field's bounds (ge, gt, le, lt), or a choice."""
+    kinds = [kind for kind in (typing.get_args(field.annotation) or (field.annotation,)) if kind is not type(None)]
+    bounds = {name: getattr(rule, name) for rule in field.metadata for name in ("ge", "gt", "le", "lt")
+              if getattr(rule, name, None) is not None}
+    low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
+    if kinds in ([int], [float]):
+        number = click.IntRange if kinds == [int] else click.FloatRange
+        return number(min=low, max=high, min_open="gt" in bounds, max_open="lt" in bounds)
+    if len(kinds) == 1 and typing.get_origin(kinds[0]) is typing.Literal:
+        return click.Choice([str(choice) for choice in typing.get_args(kinds[0])])
+    raise TypeError(f"no click type for a config field of type {field.annotation}; pass type=")
+
+
+def _shown(default: Any) -> str:
+    return "none" if default is None else str(default).lower() if isinstance(default, bool) else f"{default:g}" \
+        if isinstance(default, float) else str(default)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # train
 
 
@@ -149,7 +198,7 @@ def _overrides(assignments: tuple[str, ...], **flags: Any) -> list[tuple[str, An
     """(key, value, source) overrides from named flags (None: not given) and --set KEY=VALUE options."""
     from fundamentallm.config import parse_override
 
-    found: list[tuple[str, Any, str]] = [(f"training.{k}", v, "--" + k.replace("_", "-")) for k, v in flags.items()]
+    found: list[tuple[str, Any, str]] = [(_FLAG_KEYS[k], v, "--" + k.replace("_", "-")) for k, v in flags.items()]
     return found + [(*parse_override(a), "--set") for a in assignments]
 
 
@@ -165,16 +214,14 @@ def _float_flag(value: str | None, flag: str) -> float | None:
 @cli.command()
 @click.argument("data", nargs=-1)
 @_config_option()
-@click.option("--learning-rate", "--lr", metavar="LR|auto",
-              help="Peak learning rate (training.learning_rate); auto: run the range test (lr-find) first.")
-@click.option("--batch-size", type=int, help="Sequences per micro-batch (training.batch_size).")
-@click.option("--epochs", type=int, help="Passes over the training split (training.epochs).")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (training.max_steps).")
-@click.option("--time-budget", metavar="DURATION",
-              help="Train for this long, e.g. 90s, 10m, 1h30m: the number of steps is fixed from the speed of the "
-                   "first steps so that the schedule ends in time (training.time_budget).")
-@click.option("--sequence-length", type=int, help="Context length in tokens (training.sequence_length).")
-@click.option("--seed", type=int, help="Random seed (training.seed).")
+@_key_option("training.learning_rate", "--learning-rate", "--lr", type=str, metavar="LR|auto",
+             more_help="; auto: run the range test (lr-find) first and take its suggestion")
+@_key_option("training.batch_size", "--batch-size")
+@_key_option("training.epochs", "--epochs")
+@_key_option("training.max_steps", "--max-steps")
+@_key_option("training.time_budget", "--time-budget", type=str, metavar="DURATION")
+@_key_option("training.sequence_length", "--sequence-length")
+@_key_option("training.seed", "--seed")
 @_device_option()
 @_threads_option()
 @_output_dir_option("checkpoints", "Where checkpoints, config.yaml and metrics.jsonl go.")
@@ -350,36 +397,34 @@ def export(checkpoint: Path, output_dir: Path, fmt: str, overwrite: bool) -> Non
 @cli.command("lr-find")
 @click.argument("data", nargs=-1, required=True)
 @_config_option()
-@click.option("--batch-size", type=int, help="Sequences per micro-batch (the best rate depends on it).")
-@click.option("--sequence-length", type=int, help="Context length in tokens.")
+@_key_option("training.batch_size", "--batch-size", more_help="; the best rate depends on it")
+@_key_option("training.sequence_length", "--sequence-length")
 @_set_option()
-# The range test's defaults live in lr_finder.py (not imported here: it loads torch); None means "not given".
-@click.option("--start-lr", type=click.FloatRange(min=0, min_open=True),
-              callback=lambda ctx, param, value: _finite(value, "--start-lr"),
-              help="First learning rate of the range (default 1e-5).")
-@click.option("--end-lr", type=click.FloatRange(min=0, min_open=True),
-              callback=lambda ctx, param, value: _finite(value, "--end-lr"),
-              help="Last learning rate of the range (default 1).")
-@click.option("--steps", type=click.IntRange(min=1),
-              help="Optimizer steps over the range, at most: the test stops once the loss diverges (default 60).")
-@click.option("--diverge-factor", type=float, callback=lambda ctx, param, value: _finite(value, "--diverge-factor"),
-              help="Stop when the smoothed loss exceeds this multiple of its best (default 4).")
+@click.option("--start-lr", type=click.FloatRange(min=0, min_open=True), default=RANGE_TEST.start_lr,
+              show_default=True, callback=lambda ctx, param, value: _finite(value, "--start-lr"),
+              help="First learning rate of the range.")
+@click.option("--end-lr", type=click.FloatRange(min=0, min_open=True), default=RANGE_TEST.end_lr, show_default=True,
+              callback=lambda ctx, param, value: _finite(value, "--end-lr"), help="Last learning rate of the range.")
+@click.option("--steps", type=click.IntRange(min=1), default=RANGE_TEST.num_steps, show_default=True,
+              help="Optimizer steps over the range, at most: the test stops once the loss diverges.")
+@click.option("--diverge-factor", type=float, default=RANGE_TEST.diverge_factor, show_default=True,
+              callback=lambda ctx, param, value: _finite(value, "--diverge-factor"),
+              help="Stop when the smoothed loss exceeds this multiple of its best.")
 @_device_option()
 @_threads_option()
 @_output_dir_option("lr_find", "Where lr_find.csv and lr_find.png go.")
 @_val_data_option()
 def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | None, sequence_length: int | None,
-            assignments: tuple[str, ...], start_lr: float | None, end_lr: float | None, steps: int | None,
-            diverge_factor: float | None, device: str, output_dir: Path, val_data: tuple[str, ...]) -> None:
+            assignments: tuple[str, ...], start_lr: float, end_lr: float, steps: int, diverge_factor: float,
+            device: str, output_dir: Path, val_data: tuple[str, ...]) -> None:
     """Learning-rate range test on DATA: suggest a learning rate and plot loss against it."""
     from fundamentallm.config import resolve_config
     from fundamentallm.lr_finder import find_lr
 
     config = resolve_config(config_name, _overrides(assignments, batch_size=batch_size,
                                                     sequence_length=sequence_length))
-    given = {"start_lr": start_lr, "end_lr": end_lr, "num_steps": steps, "diverge_factor": diverge_factor}
-    find_lr(config, list(data), output_dir, device=device, val_paths=list(val_data),
-            **{k: v for k, v in given.items() if v is not None})
+    find_lr(config, list(data), output_dir, device=device, val_paths=list(val_data), start_lr=start_lr,
+            end_lr=end_lr, num_steps=steps, diverge_factor=diverge_factor)
 
 
 @cli.command()
@@ -388,7 +433,7 @@ def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | No
               help="A config key and the values to try, e.g. --grid training.learning_rate=1e-4,3e-4 "
                    "(repeatable: every combination runs).")
 @_config_option()
-@click.option("--epochs", type=int, help="Epochs per run (training.epochs).")
+@_key_option("training.epochs", "--epochs", more_help=" (every run)")
 @_set_option("Set any config key for every run (repeatable).")
 @_device_option()
 @_threads_option()

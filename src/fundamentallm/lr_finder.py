@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fundamentallm import distributed, plot
-from fundamentallm.config import Config
+from fundamentallm.config import RANGE_TEST, Config
 from fundamentallm.console import Progress, info, warn
 from fundamentallm.device import is_out_of_memory, oom_message, select_device
 from fundamentallm.errors import TrainingFailed, UserError
@@ -46,13 +46,8 @@ from fundamentallm.runfiles import LR_FIND_CSV, LR_FIND_PLOT, check_output_dir, 
 if TYPE_CHECKING:
     from fundamentallm.train import TrainJob
 
-# Defaults of the range test: 60 steps over five decades (12 rates per decade) resolve the curve well enough, and
-# with the stop rules the small preset finishes in under 20 seconds on a 2-core CPU. Useful AdamW rates for these
-# models lie between 1e-5 and 1e-1.
-START_LR = 1e-5
-END_LR = 1.0
-NUM_STEPS = 60
-DIVERGE_FACTOR = 4.0
+# The range test's defaults are lr-find's flags' defaults, kept beside the configuration's (config.RANGE_TEST).
+START_LR, END_LR, NUM_STEPS, DIVERGE_FACTOR = RANGE_TEST
 SMOOTHING = 0.8  # EMA of the loss: about the last five steps weigh in, so the curve lags by under half a decade
 MIN_STEPS = 10  # fewer recorded steps than this cannot support a suggestion
 LEARNED_FRACTION = 0.1  # the minimum rule only applies once the loss fell this far below its start ...
