@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Big-corpus benchmark: tokenization speed, token-cache size, second-run start and peak memory on the
-100M-character Gutenberg corpus (the "100M-character corpus" row of the performance benchmark).
+a big corpus (benchmarks/RESULTS.md measured a 100M-character Gutenberg corpus).
 
-    python benchmarks/big_corpus.py                       # unpacks ../shared/data/gutenberg_100M.txt.xz first
+    python benchmarks/big_corpus.py --corpus CORPUS.txt.xz --unpack   # unpacked into a temporary directory first
     python benchmarks/big_corpus.py --corpus big.txt --repeats 3 --train-steps 20 --json results.json
     python benchmarks/big_corpus.py --scaling 2            # also tokens/s at 1 and 2 processes (torchrun)
     python benchmarks/big_corpus.py --large-alphabet        # also a synthetic 10,000-character Chinese corpus
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_XZ = ROOT.parent / "shared" / "data" / "gutenberg_100M.txt.xz"
 
 # What the child processes run: fundamentallm's own prepare_tokens, timed from inside.
 _PREPARE = """
@@ -187,16 +186,16 @@ def make_large_alphabet_corpus(path: Path, chars: int = 30_000_000, alphabet: in
     return path
 
 
-def measure_big_corpus(corpus: Path | None = None, *, repeats: int = 3, train_steps: int = 20,
+def measure_big_corpus(corpus: Path, *, unpack_first: bool = False, repeats: int = 3, train_steps: int = 20,
                        scaling: int = 0, scaling_device: str = "cuda", large_alphabet: bool = False,
                        workdir: Path | None = None) -> dict[str, Any]:
-    """All the big-corpus numbers as a dict (see the module docstring). Without `corpus`, the 100M-character
-    Gutenberg corpus is unpacked into `workdir` (a temporary directory by default, removed afterwards)."""
+    """All the big-corpus numbers as a dict (see the module docstring). With `unpack_first`, the .xz `corpus`
+    is unpacked into `workdir` (a temporary directory by default, removed afterwards) and measured unpacked."""
     own_dir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="fundamentallm-bench-")) if own_dir else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        corpus = Path(corpus) if corpus else unpack(DEFAULT_XZ, work)
+        corpus = unpack(Path(corpus), work) if unpack_first else Path(corpus)
         result: dict[str, Any] = {"machine": machine(), "tokenization": measure_tokenization(corpus, work, repeats)}
         if train_steps:
             result["training"] = measure_training(corpus, work, train_steps)
@@ -255,7 +254,8 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, help="text file to measure (default: unpack the 100M corpus)")
+    parser.add_argument("--corpus", type=Path, required=True, help="the text file (or .xz) to measure")
+    parser.add_argument("--unpack", action="store_true", help="unpack the .xz corpus first, then measure that")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each timing (default 3)")
     parser.add_argument("--train-steps", type=int, default=20, help="steps of the small preset; 0 skips training")
     parser.add_argument("--scaling", type=int, default=0, metavar="N",
@@ -267,8 +267,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "big_corpus.json",
                         help="where to write the numbers (default benchmarks/results/big_corpus.json)")
     args = parser.parse_args()
-    result = measure_big_corpus(args.corpus, repeats=args.repeats, train_steps=args.train_steps,
-                                scaling=args.scaling, scaling_device=args.scaling_device,
+    result = measure_big_corpus(args.corpus, unpack_first=args.unpack, repeats=args.repeats,
+                                train_steps=args.train_steps, scaling=args.scaling, scaling_device=args.scaling_device,
                                 large_alphabet=args.large_alphabet, workdir=args.workdir)
     print(table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Fine-tuning against training from scratch, at equal wall time, through the real CLI.
 
-    python benchmarks/finetune.py --pretrain ../shared/data/gutenberg_10M.txt \
-        --target ../shared/data/tinyshakespeare.txt --pretrain-budget 10m --budget 5m -o finetune-bench
+    python benchmarks/finetune.py --pretrain gutenberg_10M.txt \
+        --target tinyshakespeare.txt --pretrain-budget 10m --budget 5m -o finetune-bench
 
 1. pretrain: `fundamentallm train PRETRAIN --config fast-cpu --time-budget PRETRAIN_BUDGET`
 2. fine-tune: `fundamentallm train TARGET --init-from pretrain/final_model.pt --extend-vocab --time-budget BUDGET`

@@ -12,7 +12,7 @@
 #   --corpus FILE  the corpus (default: $FUNDAMENTALLM_CORPUS), e.g. tinyshakespeare.txt.
 #   -o DIR         where bench.json (the numbers) and gpu.log go (default: bench-gpu).
 #   --cpu-smoke    the same commands end to end on the CPU with tiny shapes and a few steps, on any small corpus:
-#                  the test suite runs this, so that a run on a lent GPU cannot fail on a typo.
+#                  the test suite runs this, so that a run on a GPU cannot fail on a typo.
 #
 # This checkout's code runs (src/ goes first on PYTHONPATH), with $PYTHON (default python3).
 set -euo pipefail

@@ -62,7 +62,7 @@ class Peer:
         source = Path(source)
         if not ((source / "train.py").is_file() and (source / "model.py").is_file()):
             raise UserError(f"--peer {source}: not a nanoGPT directory (no train.py and model.py there); give the "
-                            f"path of a nanoGPT checkout, e.g. ../shared/peers/nanogpt")
+                            f"path of a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT)")
         self.directory = Path(workdir) / "nanogpt"
         shutil.copytree(source, self.directory, ignore=shutil.ignore_patterns(".git", "out*", "*.bin", "*.pkl"))
         for path in [self.directory, *self.directory.rglob("*")]:  # a read-only source copies read-only

@@ -2,9 +2,9 @@
 """Recipe experiments: variants of a recipe trained for the same wall time, several seeds each, and nanoGPT's
 own CPU recipe for the same wall time beside them.
 
-    python benchmarks/recipes.py --corpus ../shared/data/tinyshakespeare.txt --budget 60 --seeds 1,2 \\
+    python benchmarks/recipes.py --corpus tinyshakespeare.txt --budget 60 --seeds 1,2 \\
         --variant base --variant relu2:model.mlp=relu2 --variant wsd:training.scheduler=wsd
-    python benchmarks/recipes.py --corpus ../shared/data/gutenberg_10M.txt --budget 300 --variant base --peer
+    python benchmarks/recipes.py --corpus gutenberg_10M.txt --budget 300 --variant base --peer --peer-dir NANOGPT_DIR
 
 Each run of ours is `fundamentallm train CORPUS --config RECIPE --time-budget B --seed S --set ...` in a child
 process: the run measures its own speed and fixes its number of steps so that the learning-rate schedule ends
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 NANOGPT_CPU = ["config/train_shakespeare_char.py", "--eval_iters=20", "--log_interval=1", "--block_size=64",
                "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
                "--lr_decay_iters=2000", "--dropout=0.0"]
@@ -118,7 +117,7 @@ def summarise(rows: list[dict[str, Any]], target: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, default=SHARED / "data" / "tinyshakespeare.txt")
+    parser.add_argument("--corpus", type=Path, required=True, help="the text to train on")
     parser.add_argument("--recipe", default="fast-cpu")
     parser.add_argument("--budget", type=float, default=60.0, help="time budget (s) given to each run of ours")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds, each variant runs once per seed")
@@ -130,9 +129,11 @@ def main() -> None:
                                                                   "epoch and at the end)")
     parser.add_argument("--target", type=float, default=1.70)
     parser.add_argument("--peer", action="store_true", help="also run nanoGPT's CPU recipe for the same wall time")
-    parser.add_argument("--peer-dir", type=Path, default=SHARED / "peers" / "nanogpt")
+    parser.add_argument("--peer-dir", type=Path, metavar="NANOGPT_DIR", help="a nanoGPT checkout, for --peer")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "recipes.json")
     args = parser.parse_args()
+    if args.peer and args.peer_dir is None:
+        parser.error("--peer needs --peer-dir NANOGPT_DIR (git clone https://github.com/karpathy/nanoGPT)")
     variants = [(v.partition(":")[0], [s for s in v.partition(":")[2].split(",") if s]) for v in args.variant]
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                                "corpus": str(args.corpus), "recipe": args.recipe, "budget": args.budget,

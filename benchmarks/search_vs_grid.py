@@ -1,7 +1,7 @@
 """TPE search with pruning against a 3 x 3 grid over learning rate and batch size: best validation loss and total
 time of each, on one corpus, with the same configuration and step budget per run.
 
-    python benchmarks/search_vs_grid.py                      # tinyshakespeare, fast-cpu, 200 steps a run
+    python benchmarks/search_vs_grid.py --corpus CORPUS      # fast-cpu, 200 steps a run
     python benchmarks/search_vs_grid.py --steps 600 --trials 9 --corpus my.txt -o results/svg
 
 Both sides run the real command (`fundamentallm sweep`) in a child process, timed from launch to exit, into
@@ -27,7 +27,6 @@ from typing import Any
 from fundamentallm.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def sweep(corpus: Path, out: Path, common: list[str], extra: list[str]) -> dict[str, Any]:
@@ -50,7 +49,7 @@ def sweep(corpus: Path, out: Path, common: list[str], extra: list[str]) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--corpus", type=Path, required=True, help="the text to train on")
     parser.add_argument("--config", default="fast-cpu", help="preset or YAML every run starts from")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (training.max_steps)")
     parser.add_argument("--evals", type=int, default=5, help="evaluations per run (what pruning decides on)")

@@ -2,9 +2,9 @@
 """Which tokenizer? Validation bits per character of char, byte and BPE models trained for the same wall time,
 and the speed of training and applying BPE on a big corpus.
 
-    python benchmarks/tokenizers.py --corpus ../shared/data/tinyshakespeare.txt --budget 600
-    python benchmarks/tokenizers.py --corpus ../shared/data/gutenberg_10M.txt --budget 600 --vocab-sizes 1024,4096
-    python benchmarks/tokenizers.py --skip-quality --bpe-corpus ../shared/data/gutenberg_100M.txt.xz
+    python benchmarks/tokenizers.py --corpus tinyshakespeare.txt --budget 600
+    python benchmarks/tokenizers.py --corpus gutenberg_10M.txt --budget 600 --vocab-sizes 1024,4096
+    python benchmarks/tokenizers.py --skip-quality --bpe-corpus gutenberg_100M.txt.xz
 
 Quality rows: each runs `fundamentallm train CORPUS --config fast-cpu --set data.tokenizer=...` in a child
 process (a fast-cpu-sized model: 4 layers, width 128, context 128 tokens, Muon), with a constant learning rate
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 # The child that measures BPE: trains on the corpus streamed in chunks, then encodes it all, timing both.
 _BPE = """
@@ -142,7 +141,7 @@ def format_tables(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, default=SHARED / "tinyshakespeare.txt")
+    parser.add_argument("--corpus", type=Path, help="the text the quality rows train on (unless --skip-quality)")
     parser.add_argument("--budget", type=float, default=600.0, help="wall seconds per quality row")
     parser.add_argument("--vocab-sizes", default="512,1024,4096", help="BPE vocabulary sizes to compare")
     parser.add_argument("--skip-quality", action="store_true")
@@ -152,6 +151,8 @@ def main() -> None:
                         help="KEY=VALUE passed to every training run")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "tokenizers.json")
     args = parser.parse_args()
+    if args.corpus is None and not args.skip_quality:
+        parser.error("give --corpus CORPUS (the quality rows train on it), or --skip-quality")
     extra = [arg for a in args.assignments for arg in ("--set", a)]
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                                "corpus": str(args.corpus), "budget": args.budget, "time": time.time(),

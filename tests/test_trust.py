@@ -1,4 +1,4 @@
-"""Hostile and careless input (issue 11): configs that would eat the machine, damaged run records, a full disk
+"""Hostile and careless input: configs that would eat the machine, damaged run records, a full disk
 whatever the writer reports, sampling values at the edge of float32, and the smaller promises. Every case goes
 through the real CLI: one line on stderr, the promised exit code, no traceback, nothing existing changed."""
 
