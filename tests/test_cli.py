@@ -73,7 +73,8 @@ def test_generate_and_evaluate_work_on_every_checkpoint(trained: tuple[Path, str
 def test_evaluate_without_data_reproduces_the_runs_validation_loss(trained: tuple[Path, str]) -> None:
     run, _ = trained
     last_eval = [r for r in read_metrics(run) if r["kind"] == "eval"][-1]
-    result = json.loads(run_cli("evaluate", run / "final_model.pt", "--json").stdout)
+    # Under the training's own precision (evaluate's default is float32, which differs where training used bf16)
+    result = json.loads(run_cli("evaluate", run / "final_model.pt", "--json", "--training-precision").stdout)
     assert result["loss_per_token"] == pytest.approx(last_eval["val_loss"], rel=1e-5)
     assert result["bits_per_char"] == pytest.approx(last_eval["bits_per_char"], rel=1e-5)
     assert result["tokens"] == 4000  # the last 10% of 40,000 characters

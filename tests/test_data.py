@@ -118,9 +118,13 @@ def test_global_batch_does_not_depend_on_world_size() -> None:
 
 
 def test_eval_windows_cover_every_prediction_once() -> None:
-    windows = eval_windows(100, 16)
-    predicted = [s + i for s, n in windows for i in range(1, n)]
-    assert predicted == list(range(1, 100))
+    for stride in (0, 16, 8, 5, 1):  # 0: the context length, windows side by side
+        windows = eval_windows(100, 16, stride=stride)
+        predicted = [s + i for s, n, skip in windows for i in range(1 + skip, n)]
+        assert predicted == list(range(1, 100)), stride
+        # every prediction after the first window sees at least context - stride tokens
+        assert all(i >= 16 - (stride or 16) for s, n, skip in windows[1:] for i in range(1 + skip, n))
+    assert all(skip == 0 for _, _, skip in eval_windows(100, 16))
 
 
 def test_device_resident_and_memory_mapped_batches_are_identical() -> None:

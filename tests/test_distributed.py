@@ -96,7 +96,7 @@ def test_two_processes_match_one_with_the_same_global_batch(text: Path, tmp_path
     final = double / "final_model.pt"
     gen = run_cli("generate", final, "--prompt", "Alice:", "--max-tokens", "20", "--seed", "1")
     assert gen.exit_code == 0 and gen.stdout.startswith("Alice:"), gen.stderr
-    ev = run_cli("evaluate", final, "--json")
+    ev = run_cli("evaluate", final, "--json", "--training-precision")  # as the run's own evaluations
     assert ev.exit_code == 0, ev.stderr
     assert json.loads(ev.stdout)["loss_per_token"] == pytest.approx(losses(double, "eval", "val_loss")[-1][1], rel=1e-5)
 

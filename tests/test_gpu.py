@@ -31,7 +31,10 @@ def test_trains_generates_and_evaluates_on_cuda(corpus: Path, tmp_path: Path) ->
     gen = run_cli("generate", run / "final_model.pt", "-p", "King", "--max-tokens", "100", "--device", "cuda")
     assert gen.exit_code == 0 and len(gen.stdout) == 4 + 100 + 1
     ev = json.loads(run_cli("evaluate", run / "final_model.pt", "--json", "--device", "cuda").stdout)
-    assert ev["loss_per_token"] == pytest.approx(evals[-1], rel=2e-2)  # bf16 evaluation against the run's own
+    assert ev["loss_per_token"] == pytest.approx(evals[-1], rel=2e-2)  # float32 against the run's bf16 ones
+    same = json.loads(run_cli("evaluate", run / "final_model.pt", "--json", "--device", "cuda",
+                              "--training-precision").stdout)
+    assert same["precision"] != "fp32" and same["loss_per_token"] == pytest.approx(evals[-1], rel=1e-2)
 
 
 def test_cuda_checkpoint_loads_on_cpu(corpus: Path, tmp_path: Path) -> None:

@@ -348,22 +348,31 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("data", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Context windows per forward pass (more is faster, up to the device's memory).")
+@click.option("--stride", type=click.IntRange(min=1),
+              help="Slide the context window by this many tokens, so that every prediction after the first window "
+                   "has at least context - N tokens before it (lower loss, context/N times the work). Default: "
+                   "windows side by side (the stride is the context length), as training's evaluations.")
+@click.option("--training-precision", is_flag=True,
+              help="Score under the training's autocast (bf16 where it trained in bf16) instead of float32.")
 @_strict_option()
 @_device_option()
 @_threads_option()
-def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, strict: bool,
-             device: str) -> None:
+def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, stride: int | None,
+             training_precision: bool, strict: bool, device: str) -> None:
     """Loss, perplexity and bits per character of CHECKPOINT on DATA (default: the run's validation split)."""
     from fundamentallm.evaluate import evaluate as run_evaluation
 
-    result = run_evaluation(checkpoint, list(data) or None, device=device, batch_size=batch_size, strict=strict)
+    result = run_evaluation(checkpoint, list(data) or None, device=device, batch_size=batch_size, strict=strict,
+                            stride=stride, training_precision=training_precision)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
+    windows = "side by side" if result.stride == result.context_length else f"sliding by {result.stride}"
     click.echo(f"{result.checkpoint} on {result.data}: {result.characters:,} characters, {result.tokens:,} "
-               f"{result.tokenizer} tokens ({result.predictions:,} predicted), context {result.context_length}")
+               f"{result.tokenizer} tokens ({result.predictions:,} predicted), context {result.context_length} "
+               f"({windows}), {result.precision}")
     click.echo(f"  loss={result.loss_per_token:.4f} nats/token, perplexity={result.perplexity:.3f} (per token), "
                f"bpc={result.bits_per_char:.4f}")
     if result.unknown_characters:

@@ -542,10 +542,21 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
 
 
-def eval_windows(num_tokens: int, context: int, max_windows: int = 0) -> list[tuple[int, int]]:
-    """(start, length) windows covering every prediction in a token stream once: stride `context`, each window
-    holds up to context + 1 tokens. With max_windows > 0, that many windows spread evenly over the stream."""
-    windows = [(s, min(context + 1, num_tokens - s)) for s in range(0, num_tokens - 1, context)]
+def eval_windows(num_tokens: int, context: int, max_windows: int = 0, stride: int = 0,
+                 ) -> list[tuple[int, int, int]]:
+    """(start, length, skip) windows that score every prediction in a token stream once: each window holds up to
+    context + 1 tokens and scores its predictions after the first `skip` (already scored by the window before).
+    Stride `context` (the default) gives windows side by side, none skipping anything; a shorter stride slides
+    them by `stride` tokens, so that every prediction after the first window has at least context - stride tokens
+    before it. With max_windows > 0, that many windows spread evenly over the stream (side by side only)."""
+    stride = stride or context
+    windows, scored_to = [], 0  # the index of the last token scored so far
+    for start in range(0, num_tokens - 1, stride):
+        end = min(start + context, num_tokens - 1)  # the window's last target
+        windows.append((start, end - start + 1, max(0, scored_to - start)))
+        scored_to = end
+        if end == num_tokens - 1:
+            break
     if max_windows and len(windows) > max_windows:
         step = len(windows) / max_windows
         windows = [windows[int(i * step)] for i in range(max_windows)]

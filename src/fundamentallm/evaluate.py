@@ -20,7 +20,7 @@ from fundamentallm import distributed
 from fundamentallm.checkpoint import Checkpoint, load_model
 from fundamentallm.console import Progress
 from fundamentallm.data import EncodedText, as_tensor, encode_files, eval_windows, gather_windows, prepare_data
-from fundamentallm.device import autocast_dtype, select_device
+from fundamentallm.device import PRECISION_NAMES, autocast_dtype, select_device
 from fundamentallm.errors import UserError
 from fundamentallm.metrics import bits_per_char, perplexity
 from fundamentallm.model import GPT
@@ -41,29 +41,29 @@ class Score:
         return self.nats / self.predictions if self.predictions else math.nan
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_tokens(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int, device: torch.device,
                  amp: torch.dtype | None = None, max_windows: int = 0, dist: distributed.Dist = distributed.SINGLE,
-                 unknown_id: int = -1, progress: bool = False) -> Score:
-    """Cross-entropy over `tokens`, every prediction counted once, at the model's context length (see
-    data.eval_windows); predictions of `unknown_id` are also summed apart. Under torchrun the windows are shared
-    out and the sums all-reduced. With `progress`, a bar counts the windows (`fundamentallm evaluate` is
-    otherwise silent on long texts)."""
-    windows = eval_windows(len(tokens), model.context_length, max_windows)[dist.rank :: dist.world_size]
+                 unknown_id: int = -1, progress: bool = False, stride: int = 0) -> Score:
+    """Cross-entropy over `tokens`, every prediction counted once, in windows of the model's context length side
+    by side or, with a `stride` shorter than it, sliding (see data.eval_windows); predictions of `unknown_id` are
+    also summed apart. Under torchrun the windows are shared out and the sums all-reduced. With `progress`, a bar
+    counts the windows (`fundamentallm evaluate` is otherwise silent on long texts)."""
+    windows = eval_windows(len(tokens), model.context_length, max_windows, stride)[dist.rank :: dist.world_size]
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    by_length: dict[int, list[int]] = {}
-    for start, length in windows:
-        by_length.setdefault(length, []).append(start)
+    groups: dict[tuple[int, int], list[int]] = {}  # windows of one length and one skip go in one batch
+    for start, length, skip in windows:
+        groups.setdefault((length, skip), []).append(start)
     bar = Progress(len(windows), "Evaluating", unit="window") if progress and len(windows) > PROGRESS_MIN else None
-    for length, starts in by_length.items():
+    for (length, skip), starts in groups.items():
         for i in range(0, len(starts), batch_size):
             batch = gather_windows(tokens, torch.tensor(starts[i : i + batch_size]), length, device)
-            targets = batch[:, 1:].reshape(-1)
+            targets = batch[:, 1 + skip :].reshape(-1)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits, _ = model(batch[:, :-1])
-            flat, count = logits.reshape(-1, logits.size(-1)).float(), len(targets)
+            flat, count = logits[:, skip:].reshape(-1, logits.size(-1)).float(), len(targets)
             # The mean in float32, as the model's own loss: the same numbers as training reports.
             totals[:2] += torch.stack([F.cross_entropy(flat, targets).double() * count,
                                        torch.tensor(float(count), device=device, dtype=torch.float64)])
@@ -132,6 +132,8 @@ class Evaluation:
     perplexity: float  # per token
     bits_per_char: float  # total bits over the text / its characters
     context_length: int
+    stride: int  # tokens between window starts: the context length (side by side) unless --stride
+    precision: str  # fp32, or the training's autocast (--training-precision)
     unknown_characters: int = 0  # characters outside a char model's vocabulary, scored as its unknown token
     unknown_bits: float = 0.0  # the bits the model spent on them
 
@@ -140,26 +142,32 @@ class Evaluation:
 
 
 def evaluate(checkpoint: Path, data_paths: list[str] | None = None, device: str = "auto",
-             batch_size: int = 32, strict: bool = False) -> Evaluation:
-    """Loss over every token of DATA (or of the run's own validation split when no DATA is given). Characters
-    the model never saw count as its unknown token, or are refused with `strict`."""
+             batch_size: int = 64, strict: bool = False, stride: int | None = None,
+             training_precision: bool = False) -> Evaluation:
+    """Loss over every token of DATA (or of the run's own validation split when no DATA is given), in float32
+    unless `training_precision` asks for the training's autocast. Windows of the context length side by side,
+    or sliding by `stride` tokens so that each prediction has more context. Characters the model never saw
+    count as its unknown token, or are refused with `strict`."""
     dev = select_device(device)
     loaded = load_model(checkpoint, dev)
-    tokenizer = loaded.tokenizer
+    tokenizer, context = loaded.tokenizer, loaded.model.context_length
+    if stride is not None and not 1 <= stride <= context:
+        raise UserError(f"--stride {stride}: windows slide by 1 to {context} tokens (this model's context); "
+                        f"leave it out for windows side by side")
     if data_paths:
         text = encode_files(data_paths, tokenizer, strict)
         described = ", ".join(data_paths)
     else:
         text, described = _validation_split(loaded.checkpoint)
-    amp = autocast_dtype(dev, loaded.config.training.use_mixed_precision)
+    amp = autocast_dtype(dev, loaded.config.training.use_mixed_precision) if training_precision else None
     score = score_tokens(loaded.model, as_tensor(text.tokens, dev), batch_size, dev, amp,
-                         unknown_id=tokenizer.unknown_id, progress=True)
+                         unknown_id=tokenizer.unknown_id, progress=True, stride=stride or context)
     return Evaluation(checkpoint=str(checkpoint), data=described, tokenizer=tokenizer.kind,
                       characters=text.num_chars, tokens=len(text.tokens), predictions=score.predictions,
                       loss_per_token=score.loss, perplexity=perplexity(score.loss),
                       bits_per_char=bits_per_char(score.loss, len(text.tokens), text.num_chars),
-                      context_length=loaded.model.context_length, unknown_characters=text.unknown_chars,
-                      unknown_bits=score.unknown_nats / math.log(2))
+                      context_length=context, stride=stride or context, precision=PRECISION_NAMES[amp],
+                      unknown_characters=text.unknown_chars, unknown_bits=score.unknown_nats / math.log(2))
 
 
 def _validation_split(checkpoint: Checkpoint) -> tuple[EncodedText, str]:
