@@ -151,3 +151,12 @@ def test_every_fundamentallm_line_in_the_docs_parses() -> None:
 def test_the_readme_test_command_is_what_ci_runs() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
     assert ci in (ROOT / "README.md").read_text(encoding="utf-8"), ".ci/run's last line is not the README's"
+
+
+def test_the_dev_extra_installs_every_other_extra() -> None:
+    # The README says `[dev]` installs every extra; it names them, so a new extra must be added there too.
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    named = re.fullmatch(r"fundamentallm\[(.*)\]", extras["dev"][0])
+    assert named, "the dev extra's first entry is fundamentallm[every,other,extra]"
+    assert sorted(named.group(1).split(",")) == sorted(set(extras) - {"dev"})
