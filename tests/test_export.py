@@ -232,6 +232,30 @@ def test_byte_and_bpe_models_export_exactly(kind: str, multilingual: Path, tmp_p
     expected = our_logits(checkpoint, ids)
     assert (hf - expected).abs().max().item() < 1e-4
     assert np.abs(onnx - expected.numpy()).max() < 1e-4
+    lm_eval_scores_like_us(tmp_path / "hf", checkpoint, text[-300:])
+
+
+def lm_eval_scores_like_us(out: Path, checkpoint: Path, text: str) -> None:
+    """lm-eval's `hf` model takes the export as it is (no prefix_token_id), and its rolling log-likelihood is ours
+    over the text after the declared begin-of-text token. Its windows are ours except the last, which it fills
+    back to a whole context: on a text of whole windows the two are the same sums."""
+    pytest.importorskip("accelerate")  # lm-eval's hf model needs it (the lm-eval extra)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from fundamentallm.evaluate import score_tokens
+
+    loaded = load_model(checkpoint)
+    context = loaded.model.context_length
+    text = next(text[:cut] for cut in range(len(text), 0, -1)
+                if len(loaded.tokenizer.encode(text[:cut])) % context == 0)
+    lm = HFLM(pretrained=str(out), device="cpu", batch_size=4)
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    (theirs,) = lm.loglikelihood_rolling([request], disable_tqdm=True)
+    tokens = np.array([lm.tokenizer.bos_token_id, *loaded.tokenizer.encode(text)])
+    ours = score_tokens(loaded.model, tokens, 4, torch.device("cpu"))
+    assert ours.predictions == len(tokens) - 1
+    assert theirs == pytest.approx(-ours.nats, rel=1e-6)
 
 
 def check_model_card(out: Path, run: Path, data: Path) -> None:
