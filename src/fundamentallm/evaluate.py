@@ -92,21 +92,22 @@ class TokenLogprobs:
 
 
 @torch.inference_mode()
-def token_logprobs(model: GPT, tokens: list[int], top: int = 0, batch_size: int = 32) -> TokenLogprobs:
-    """Every token's log-probability after the first, in the same windows and float32 log-softmax as
-    score_tokens (so their sum is minus its nats on the same tokens); the model must be in eval mode (it is not
-    switched here, since a server's other threads use it)."""
+def token_logprobs(model: GPT, tokens: list[int], top: int = 0, batch_size: int = 32,
+                   stride: int = 0) -> TokenLogprobs:
+    """Every token's log-probability after the first, in the same windows (and `stride`) and float32
+    log-softmax as score_tokens, so their sum is minus its nats on the same tokens; the model must be in eval
+    mode (it is not switched here, since a server's other threads use it)."""
     device = next(model.parameters()).device
     ids, top = np.asarray(tokens, dtype=np.int64), min(top, model.vocab_size)
     chosen, top_ids, top_logprobs = [torch.zeros(0)], [torch.zeros(0, top, dtype=torch.long)], [torch.zeros(0, top)]
-    windows = eval_windows(len(ids), model.context_length)
+    windows = eval_windows(len(ids), model.context_length, stride=stride)
     for i in range(0, len(windows), batch_size):
-        # Only the last window may be shorter: grouping by length keeps the text's order.
-        for length, group in itertools.groupby(windows[i : i + batch_size], key=lambda window: window[1]):
-            batch = gather_windows(ids, torch.tensor([start for start, _ in group]), length, device)
+        # Only the first and last windows may differ in length or skip: grouping keeps the text's order.
+        for (length, skip), group in itertools.groupby(windows[i : i + batch_size], key=lambda w: (w[1], w[2])):
+            batch = gather_windows(ids, torch.tensor([start for start, _, _ in group]), length, device)
             logits, _ = model(batch[:, :-1])
-            logp = logits.float().log_softmax(dim=-1).flatten(0, 1)
-            chosen.append(logp.gather(-1, batch[:, 1:].reshape(-1, 1)).squeeze(-1).cpu())
+            logp = logits[:, skip:].float().log_softmax(dim=-1).flatten(0, 1)
+            chosen.append(logp.gather(-1, batch[:, 1 + skip :].reshape(-1, 1)).squeeze(-1).cpu())
             best = logp.topk(top, dim=-1)
             top_ids.append(best.indices.cpu())
             top_logprobs.append(best.values.cpu())
