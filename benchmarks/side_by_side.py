@@ -41,18 +41,18 @@ from fundamentallm.bench import (
     train_child,
 )
 from fundamentallm.config import resolve_config
-from fundamentallm.data import decode_chunk, find_text_files, iter_byte_chunks
+from fundamentallm.data import find_data_files, iter_text
 from fundamentallm.device import select_device
 from fundamentallm.files import atomic_write_bytes
 from fundamentallm.metrics import read_metrics
+from fundamentallm.records import RecordFormat, Skipped
 
 PEER_TIMEOUT_SECONDS = 600  # nanoGPT's time-to-target run stops here if it has not reached the target
 
 
 def corpus_text(data: Path) -> str:
-    """DATA (a file or a directory of text files) as one text, for nanoGPT's own dataset files."""
-    return "".join(decode_chunk(path, offset, chunk) for path in find_text_files([data])
-                   for offset, chunk in iter_byte_chunks(path))
+    """DATA (a file or a directory of data files) as one text, for nanoGPT's own dataset files."""
+    return "".join(text for path in find_data_files([data]) for text in iter_text(path, RecordFormat(), Skipped()))
 
 
 def measure_quality(data: Path, recipe: str, target: float, device: torch.device, workdir: Path,
@@ -127,7 +127,7 @@ def main() -> None:
         parser.error("--peer-set takes KEY=VALUE, e.g. --peer-set max_iters=2000")
     if args.recipe:
         resolve_config(args.recipe)  # an unknown recipe is refused now, not after the throughput rows
-    find_text_files([args.data])
+    find_data_files([args.data])
     check_writable(args.output)
     device = select_device(args.device)
     extra = [arg for s in args.sets for arg in ("--set", s)]

@@ -69,7 +69,7 @@ def test_several_files_and_directories(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "content", "needle"), [
     ("missing.txt", None, "does not exist"),
-    ("empty-dir", "dir", "holds no text files"),
+    ("empty-dir", "dir", "holds no data files"),
     ("e.txt", "", "empty"),
     ("w.txt", " \n\t\n   ", "only whitespace"),
 ])

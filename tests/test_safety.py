@@ -113,7 +113,7 @@ def _corrupt_gzip(path: Path) -> Path:
 @pytest.mark.parametrize(("setup", "args", "needles"), [
     (lambda d: d / "missing.txt", [], ["missing.txt", "does not exist"]),
     (lambda d: _corrupt_gzip(d / "damaged.txt.gz"), [], ["damaged.txt.gz", "cannot read"]),
-    (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", [], ["empty_dir", "no text files"]),
+    (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", [], ["empty_dir", "no data files"]),
     (lambda d: _write(d / "empty.txt", ""), [], ["empty.txt", "empty"]),
     (lambda d: _write(d / "blank.txt", "   \n\n\t \n"), [], ["blank.txt", "whitespace"]),
     (lambda d: _write(d / "short.txt", "To be or not to be"), [], ["fewer than one training window",

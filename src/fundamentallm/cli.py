@@ -150,9 +150,12 @@ def _key_option(key: str, *names: str, type: Any = None, metavar: str | None = N
     field = config_field(key)
     if not field.description:
         raise TypeError(f"Config field {key} has no description= to show as the help of {names[-1]}")
-    option = click.option(*names, type=type or _click_type(field), metavar=metavar, default=None,
-                          show_default=f"from --config, else {_shown(field.default)}",
-                          help=f"{field.description[0].upper()}{field.description[1:]}{more_help} ({key}).")
+    help = f"{field.description[0].upper()}{field.description[1:]}{more_help} ({key})."
+    if field.annotation is bool:  # a switch: given, it sets true; absent, the preset or YAML file decides
+        option = click.option(*names, is_flag=True, default=None, help=help)
+    else:
+        option = click.option(*names, type=type or _click_type(field), metavar=metavar, default=None,
+                              show_default=f"from --config, else {_shown(field.default)}", help=help)
 
     def register(function: Any) -> Any:
         decorated = option(function)
@@ -176,6 +179,15 @@ def _click_type(field: Any) -> click.ParamType:
     if len(kinds) == 1 and typing.get_origin(kinds[0]) is typing.Literal:
         return click.Choice([str(choice) for choice in typing.get_args(kinds[0])])
     raise TypeError(f"no click type for a config field of type {field.annotation}; pass type=")
+
+
+def _record_options() -> Any:
+    """--text-field and --skip-bad-records: how JSON Lines, CSV and Parquet files give their text."""
+    def add(function: Any) -> Any:
+        function = _key_option("data.skip_bad_records", "--skip-bad-records")(function)
+        return _key_option("data.text_field", "--text-field", type=str, metavar="NAME")(function)
+
+    return add
 
 
 def _shown(default: Any) -> str:
@@ -235,13 +247,14 @@ def _float_flag(value: str | None, flag: str) -> float | None:
 @click.option("--extend-vocab", is_flag=True,
               help="With --init-from: give the new text's unseen characters tokens of their own (fresh rows).")
 @_val_data_option()
+@_record_options()
 @_tensorboard_option()
 def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | None, batch_size: int | None,
           epochs: int | None, max_steps: int | None, time_budget: str | None, sequence_length: int | None,
           seed: int | None, device: str, output_dir: Path, assignments: tuple[str, ...], resume: str | None,
           overwrite: bool, init_from: str | None, extend_vocab: bool, val_data: tuple[str, ...],
-          tensorboard: bool) -> None:
-    """Train a model on DATA: one or more text files, or directories of .txt files."""
+          text_field: str | None, skip_bad_records: bool | None, tensorboard: bool) -> None:
+    """Train a model on DATA: text, JSON Lines, CSV or Parquet files, or directories of them."""
     from fundamentallm.plot import plot_finished_run
     from fundamentallm.train import train as run_training
     from fundamentallm.train import train_job
@@ -249,7 +262,8 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     auto_lr = learning_rate is not None and learning_rate.strip().lower() == "auto"
     lr = None if auto_lr else _float_flag(learning_rate, "--learning-rate")
     overrides = _overrides(assignments, learning_rate=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
-                           time_budget=time_budget, sequence_length=sequence_length, seed=seed)
+                           time_budget=time_budget, sequence_length=sequence_length, seed=seed,
+                           text_field=text_field, skip_bad_records=skip_bad_records)
     job = train_job(list(data), config_name, overrides, output_dir, device=device, resume=resume,
                     overwrite=overwrite, init_from=init_from, extend_vocab=extend_vocab, val_data=list(val_data),
                     tensorboard=tensorboard)
@@ -357,15 +371,23 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
 @click.option("--training-precision", is_flag=True,
               help="Score under the training's autocast (bf16 where it trained in bf16) instead of float32.")
 @_strict_option()
+@click.option("--text-field", metavar="NAME",
+              help="JSON Lines, CSV and Parquet files in DATA: the field (column) that holds the text. Default: the "
+                   "one the model's run read (its data.text_field).")
+@click.option("--skip-bad-records", is_flag=True,
+              help="Count and skip records of DATA that give no text instead of stopping at the first.")
 @_device_option()
 @_threads_option()
 def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, stride: int | None,
-             training_precision: bool, strict: bool, device: str) -> None:
-    """Loss, perplexity and bits per character of CHECKPOINT on DATA (default: the run's validation split)."""
+             training_precision: bool, strict: bool, text_field: str | None, skip_bad_records: bool,
+             device: str) -> None:
+    """Loss, perplexity and bits per character of CHECKPOINT on DATA (default: the run's validation split).
+    Record files give their text as the model's training run read them, unless --text-field says otherwise."""
     from fundamentallm.evaluate import evaluate as run_evaluation
 
     result = run_evaluation(checkpoint, list(data) or None, device=device, batch_size=batch_size, strict=strict,
-                            stride=stride, training_precision=training_precision)
+                            stride=stride, training_precision=training_precision, text_field=text_field,
+                            skip_bad_records=skip_bad_records)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -423,15 +445,18 @@ def export(checkpoint: Path, output_dir: Path, fmt: str, overwrite: bool) -> Non
 @_threads_option()
 @_output_dir_option("lr_find", "Where lr_find.csv and lr_find.png go.")
 @_val_data_option()
+@_record_options()
 def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | None, sequence_length: int | None,
             assignments: tuple[str, ...], start_lr: float, end_lr: float, steps: int, diverge_factor: float,
-            device: str, output_dir: Path, val_data: tuple[str, ...]) -> None:
+            device: str, output_dir: Path, val_data: tuple[str, ...], text_field: str | None,
+            skip_bad_records: bool | None) -> None:
     """Learning-rate range test on DATA: suggest a learning rate and plot loss against it."""
     from fundamentallm.config import resolve_config
     from fundamentallm.lr_finder import find_lr
 
     config = resolve_config(config_name, _overrides(assignments, batch_size=batch_size,
-                                                    sequence_length=sequence_length))
+                                                    sequence_length=sequence_length, text_field=text_field,
+                                                    skip_bad_records=skip_bad_records))
     find_lr(config, list(data), output_dir, device=device, val_paths=list(val_data), start_lr=start_lr,
             end_lr=end_lr, num_steps=steps, diverge_factor=diverge_factor)
 
@@ -456,16 +481,18 @@ def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | No
               help="With --search: stop a trial whose validation loss is behind the median of earlier trials.")
 @_output_dir_option("sweep", "One directory per run goes in here, and results.csv.")
 @_val_data_option()
+@_record_options()
 @_tensorboard_option("Also write TensorBoard event files for every run.")
 def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None, epochs: int | None,
           assignments: tuple[str, ...], device: str, search: str | None, spaces: tuple[str, ...],
-          trials: int | None, prune: bool, output_dir: Path, val_data: tuple[str, ...], tensorboard: bool) -> None:
+          trials: int | None, prune: bool, output_dir: Path, val_data: tuple[str, ...], text_field: str | None,
+          skip_bad_records: bool | None, tensorboard: bool) -> None:
     """Grid search: train every combination of --grid values on DATA and rank them by validation loss.
     With --search random|tpe: train --trials configurations drawn from --space ranges and lists instead.
 
     Run the same command again after an interruption: finished runs are skipped, an interrupted one resumes.
     """
-    overrides = _overrides(assignments, epochs=epochs)
+    overrides = _overrides(assignments, epochs=epochs, text_field=text_field, skip_bad_records=skip_bad_records)
     if search is None:
         if spaces or trials is not None or prune:
             raise UserError("--space, --trials and --prune belong to a search: add --search random or tpe")
@@ -532,9 +559,9 @@ def bench(data: Path, device: str, rows: str | None, steps: int | None, generati
           output: Path, assignments: tuple[str, ...]) -> None:
     """Measure training throughput and generation speed on DATA."""
     from fundamentallm.bench import run_bench
-    from fundamentallm.data import find_text_files
+    from fundamentallm.data import find_data_files
 
-    find_text_files([data])  # a clear error now rather than from the first child process
+    find_data_files([data])  # a clear error now rather than from the first child process
     extra = [arg for a in assignments for arg in ("--set", a)]
     run_bench(data, device, rows.split(",") if rows else None, steps, generation, output, extra,
               generation_tokens=generation_tokens)

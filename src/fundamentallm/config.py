@@ -166,6 +166,17 @@ class DataConfig(_Section):
     min_char_frequency: int = Field(
         1, ge=1, le=MAX_CHAR_FREQUENCY,
         description="char only: characters seen fewer times in the training text map to the unknown token")
+    text_field: str = Field(
+        "text", min_length=1, max_length=1000,
+        description="JSON Lines, CSV and Parquet files: the field (column) of each record that holds its text; the "
+                    "other fields are ignored")
+    record_separator: str = Field(
+        "\n\n", max_length=1000,
+        description="written after each record's text, so that records (documents) stay apart; the default is a "
+                    "blank line; empty: records run together")
+    skip_bad_records: bool = Field(
+        False, description="count and skip records that give no text (no such field, not a string, a line that is "
+                           "not JSON or CSV, an unreadable Parquet row group) instead of stopping at the first")
 
 
 class Config(_Section):

@@ -1,20 +1,21 @@
 """Text in, token arrays out: reading, validation, tokenization, the token cache, splits and batches.
 
-    DATA paths -> text files (directories expanded; .gz/.xz read transparently)
-               -> strict UTF-8 in char-aligned chunks (errors name the file and byte offset)
+    DATA paths -> data files (directories expanded; .gz/.xz/.zst read transparently)
+               -> text chunks: strict UTF-8 in char-aligned chunks (errors name the file and byte offset), or the
+                  text field of each record of JSON Lines, CSV and Parquet files (records.py)
                -> train / validation split by position of the characters (or --val-data files)
                -> tokenizer (char, byte or BPE) fitted on the training part -> token cache on disk (memory-mapped)
                -> random windows of sequence_length + 1 tokens
 
 Nothing here holds the whole text in memory: every pass streams fixed-size chunks, so a 100M-character corpus
 is prepared in bounded memory. The cache is keyed by the files' bytes and the tokenizer settings, so a second
-run over the same data skips straight to training, and editing any file re-tokenizes.
+run over the same data skips straight to training, and editing any file (or how records give their text)
+re-tokenizes.
 """
 
 from __future__ import annotations
 
 import codecs
-import gzip
 import hashlib
 import json
 import lzma
@@ -33,6 +34,16 @@ from fundamentallm.config import Config
 from fundamentallm.console import Progress, warn
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.files import atomic_write, atomic_write_bytes, remove_stale_temporaries
+from fundamentallm.records import (
+    DATA_SUFFIXES,
+    TEXT,
+    RecordFormat,
+    Skipped,
+    compression,
+    file_format,
+    open_binary,
+    read_records,
+)
 from fundamentallm.tokenizer import (
     MAX_CODE_POINT,
     BPETokenizer,
@@ -46,7 +57,6 @@ from fundamentallm.tokenizer import (
 CACHE_FORMAT = 3  # of meta.json: 2 recorded text_bytes; 3 adds the tokenizer type and characters per split
 KEY_FORMAT = 2  # of the cache key; 2: files hashed as stored on disk
 CHUNK_BYTES = 2 << 20  # streaming unit: measured as fast as 8 or 16 MB chunks, and much less memory
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
 _PROGRESS_MIN_BYTES = 32 << 20
 _COPY_TOKENS = 16 << 20  # slice size when copying tokens to a device
 
@@ -55,18 +65,20 @@ _COPY_TOKENS = 16 << 20  # slice size when copying tokens to a device
 # Finding and reading files
 
 
-def find_text_files(paths: list[str | Path]) -> list[Path]:
-    """Expand DATA arguments: files are taken as given, directories contribute their .txt files (recursively)."""
+def find_data_files(paths: list[str | Path]) -> list[Path]:
+    """Expand DATA arguments: files are taken as given, directories contribute their data files (recursively):
+    text, JSON Lines and CSV (each also compressed) and Parquet."""
     if not paths:
         raise UserError("no DATA given: pass a text file, several files, or a directory of .txt files")
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
             if not found:
-                raise UserError(f"directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)}); "
-                                f"point DATA at a .txt file or a folder of them")
+                raise UserError(f"directory {path} holds no data files (.txt, .jsonl, .csv, .parquet, and .gz, .xz "
+                                f"or .zst compressed text, JSON Lines and CSV); point DATA at a file or a folder "
+                                f"of them")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -77,25 +89,12 @@ def find_text_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def _open_binary(path: Path) -> BinaryIO:
-    try:
-        if path.name.endswith(".gz"):
-            return gzip.open(path, "rb")  # type: ignore[return-value]
-        if path.name.endswith(".xz"):
-            return lzma.open(path, "rb")  # type: ignore[return-value]
-        return open(path, "rb")
-    except PermissionError:
-        raise UserError(f"cannot read {path}: permission denied") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
 def iter_byte_chunks(path: Path, chunk_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
     """Yield (offset, bytes) chunks that never split a UTF-8 sequence, so each decodes on its own."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES  # read at call time, so that tests can shrink it
     offset, carry = 0, b""
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             while True:
                 block = f.read(chunk_bytes)
                 if not block:
@@ -128,13 +127,23 @@ def decode_chunk(path: Path, offset: int, data: bytes) -> str:
         text = codecs.decode(data, "utf-8", "strict")
     except UnicodeDecodeError as exc:
         bad = offset + exc.start
-        where = "uncompressed byte offset" if path.name.endswith((".gz", ".xz")) else "byte offset"
+        where = "byte offset" if compression(path) == "none" else "uncompressed byte offset"
         raise UserError(f"{path} is not valid UTF-8: byte 0x{data[exc.start]:02x} at {where} {bad:,}. "
                         f"Convert it to UTF-8 first (for example: iconv -f latin1 -t utf-8)") from None
     if "\x00" in text:
         raise UserError(f"{path} looks like a binary file (it contains NUL bytes at byte offset "
                         f"{offset + data.index(0):,}); FundamentaLLM trains on UTF-8 text")
     return text
+
+
+def iter_text(path: Path, fmt: RecordFormat, skipped: Skipped) -> Iterator[str]:
+    """The text of one data file in chunks, whatever its format (bad records are counted in `skipped` when
+    `fmt` skips them)."""
+    if file_format(path) != TEXT:
+        yield from read_records(path, fmt, skipped)
+        return
+    for offset, data in iter_byte_chunks(path):
+        yield decode_chunk(path, offset, data)
 
 
 def _count_chars(data: bytes) -> int:
@@ -184,19 +193,23 @@ def default_cache_dir() -> Path:
     return Path(base) / "fundamentallm" / "tokens"
 
 
-def _compression(path: Path) -> str:
-    return "gz" if path.name.endswith(".gz") else "xz" if path.name.endswith(".xz") else "none"
+def _file_kind(path: Path) -> str:
+    """A file's format and compression, as the cache key frames it (text files: the compression alone, as
+    before other formats existed, so that their keys stay the same)."""
+    kind = compression(path)
+    return kind if file_format(path) == TEXT else f"{file_format(path)}-{kind}"
 
 
 def _fingerprint(files: list[Path], val_files: list[Path], validation_split: float,
-                 settings: TokenizerSettings) -> str:
+                 settings: TokenizerSettings, fmt: RecordFormat) -> str:
     """Hash of every file's bytes as stored on disk, plus the split and tokenizer settings.
 
     Compressed files are hashed as they are stored, not decompressed: the key still changes whenever the text
     does, and a second run over a .xz corpus starts without decompressing it (decompression costs far more than
     hashing). This pass reads each file once at disk speed; nothing else happens when the cache is valid.
     A character model split by position keeps the key it had before other tokenizers existed, so that runs
-    trained then still resume and find their validation split.
+    trained then still resume and find their validation split. Record files add how their text is taken (the
+    field, the separator, whether bad records are skipped), so that changing any of it re-tokenizes.
     """
     digest = hashlib.blake2b(digest_size=16)
     key: dict = {"format": KEY_FORMAT, "validation_split": None if val_files else validation_split,
@@ -205,8 +218,10 @@ def _fingerprint(files: list[Path], val_files: list[Path], validation_split: flo
         key.update(tokenizer=settings.kind, vocab_size=settings.vocab_size if settings.kind == "bpe" else None)
     if settings.given:
         key.update(given=hashlib.sha256(settings.given.encode()).hexdigest())
-    digest.update(json.dumps(key).encode())
     all_files = [*files, *val_files]
+    if any(file_format(path) != TEXT for path in all_files):
+        key.update(text_field=fmt.text_field, record_separator=fmt.separator, skip_bad_records=fmt.skip_bad)
+    digest.update(json.dumps(key).encode())
     sizes = [_file_size(path) for path in all_files]
     total = sum(sizes)
     bar = Progress(total, "Hashing", unit="B", unit_scale=True) if total >= _PROGRESS_MIN_BYTES else None
@@ -214,7 +229,7 @@ def _fingerprint(files: list[Path], val_files: list[Path], validation_split: flo
         if index == len(files):
             digest.update(b"\x00validation\x00")  # the same files as DATA or as --val-data are different data
         # Kind and size frame each file, so that no two different file lists can feed the same byte stream.
-        digest.update(f"\x00file\x00{_compression(path)}\x00{size}\x00".encode())
+        digest.update(f"\x00file\x00{_file_kind(path)}\x00{size}\x00".encode())
         try:
             with open(path, "rb") as f:
                 while block := f.read(CHUNK_BYTES):
@@ -235,24 +250,31 @@ def _file_size(path: Path) -> int:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _measure(files: list[Path]) -> tuple[int, int]:
-    """Characters and (uncompressed) bytes of the text: the split point is needed before the vocabulary pass."""
+def _measure(files: list[Path], fmt: RecordFormat, skipped: Skipped) -> tuple[int, int]:
+    """Characters and (uncompressed) UTF-8 bytes of the text: the split point is needed before the vocabulary
+    pass. Text files are counted without decoding; record files are read."""
     chars = total_bytes = 0
     for path in files:
-        for _, data in iter_byte_chunks(path):
-            chars += _count_chars(data)
-            total_bytes += len(data)
+        if file_format(path) == TEXT:
+            for _, data in iter_byte_chunks(path):
+                chars += _count_chars(data)
+                total_bytes += len(data)
+            continue
+        for text in read_records(path, fmt, skipped):
+            chars += len(text)
+            total_bytes += len(text.encode("utf-8"))
     return chars, total_bytes
 
 
-def _stream_text(files: list[Path], desc: str, total_bytes: int) -> Iterator[tuple[Path, str]]:
+def _stream_text(files: list[Path], desc: str, total_bytes: int, fmt: RecordFormat) -> Iterator[tuple[Path, str]]:
     show = total_bytes >= _PROGRESS_MIN_BYTES
     bar = Progress(total_bytes, desc, unit="B", unit_scale=True) if show else None
     for path in files:
-        for offset, data in iter_byte_chunks(path):
-            yield path, decode_chunk(path, offset, data)
+        # Bad records were counted when the text was measured; later passes skip the same ones.
+        for text in iter_text(path, fmt, Skipped()):
+            yield path, text
             if bar is not None:
-                bar.update(len(data))
+                bar.update(len(text) if text.isascii() else len(text.encode("utf-8")))
     if bar is not None:
         bar.close(final_line=False)
 
@@ -268,12 +290,14 @@ class _Plan:
     total_bytes: int
     train_chars: int
     val_chars: int
+    fmt: RecordFormat
+    skipped: list[str]  # the report of bad records passed over
 
     def pieces(self, desc: str) -> Iterator[tuple[str, bool]]:
         """The text in chunks, each marked True when it belongs to the training split."""
         seen = 0
         val = set(self.val_files)
-        for path, text in _stream_text([*self.files, *self.val_files], desc, self.total_bytes):
+        for path, text in _stream_text([*self.files, *self.val_files], desc, self.total_bytes, self.fmt):
             if self.val_files:
                 yield text, path not in val
                 continue
@@ -295,26 +319,31 @@ def prepare_tokens(
     vocab_size: int = 0,
     val_paths: list[str | Path] | None = None,
     given: Tokenizer | None = None,
+    fmt: RecordFormat | None = None,
 ) -> TokenData:
     """Tokenize DATA (or reuse the cached tokens) and split it into train and validation: by position (the last
-    `validation_split` of the characters validate), or, with `val_paths`, training on DATA and validating on those."""
-    files = find_text_files(paths)
-    val_files = find_text_files(val_paths) if val_paths else []
+    `validation_split` of the characters validate), or, with `val_paths`, training on DATA and validating on those.
+    `fmt` says how JSON Lines, CSV and Parquet files give their text."""
+    fmt = fmt or RecordFormat()
+    files = find_data_files(paths)
+    val_files = find_data_files(val_paths) if val_paths else []
     both = {f.resolve() for f in files} & {f.resolve() for f in val_files}
     if both:
         raise UserError(f"{sorted(both)[0]} is given both as DATA and with --val-data; validation text must be "
                         f"text the model does not train on")
     settings = TokenizerSettings(tokenizer, vocab_size, min_char_frequency,
                                  json.dumps(given.to_dict(), sort_keys=True) if given is not None else "")
-    key = _fingerprint(files, val_files, validation_split, settings)
+    key = _fingerprint(files, val_files, validation_split, settings, fmt)
     cache_dir = Path(cache_dir or default_cache_dir()) / key
     meta = _load_cache(cache_dir)
     from_cache = meta is not None
     build_seconds = 0.0
     if meta is None:
         start = time.perf_counter()
-        meta = _build_cache(_plan(files, val_files, validation_split), cache_dir, settings)
+        meta = _build_cache(_plan(files, val_files, validation_split, fmt), cache_dir, settings)
         build_seconds = time.perf_counter() - start
+    for line in meta.get("skipped", []):  # said again when the cache is reused: the tokens lack those records
+        warn(line)
     tokens = np.memmap(cache_dir / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r",
                        shape=(meta["num_tokens"],))
     split = meta["num_train"]
@@ -331,13 +360,18 @@ def prepare_data(config: Config, paths: list[str | Path], val_paths: list[str | 
     """`prepare_tokens` with the split and tokenizer settings of `config` (or the `given` tokenizer)."""
     return prepare_tokens(paths, config.training.validation_split, config.data.min_char_frequency, cache_dir,
                           tokenizer=config.data.tokenizer, vocab_size=config.data.vocab_size, val_paths=val_paths,
-                          given=given)
+                          given=given, fmt=record_format(config))
 
 
-def characters_in(paths: list[str | Path]) -> set[str]:
+def record_format(config: Config) -> RecordFormat:
+    """How record files give their text, from the data section of `config`."""
+    return RecordFormat(config.data.text_field, config.data.record_separator, config.data.skip_bad_records)
+
+
+def characters_in(paths: list[str | Path], fmt: RecordFormat) -> set[str]:
     """Every distinct character of the text in `paths` (one streamed pass, bounded memory)."""
     seen = np.zeros(MAX_CODE_POINT, dtype=bool)
-    for _, text in _stream_text(find_text_files(paths), "Reading", 0):
+    for _, text in _stream_text(find_data_files(paths), "Reading", 0, fmt):
         seen[code_points(text)] = True
     return {chr(int(cp)) for cp in np.flatnonzero(seen)}
 
@@ -346,17 +380,24 @@ def _names(files: list[Path]) -> str:
     return ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
 
-def _plan(files: list[Path], val_files: list[Path], validation_split: float) -> _Plan:
-    num_chars, total_bytes = _measure(files)
+def _plan(files: list[Path], val_files: list[Path], validation_split: float, fmt: RecordFormat) -> _Plan:
+    skipped = Skipped()
+    num_chars, total_bytes = _measure(files, fmt, skipped)
     if num_chars == 0:
-        raise UserError(f"{_names(files)}: no text (the input is empty)")
+        raise UserError(f"{_names(files)}: no text (the input is empty{_all_bad(skipped)})")
     if not val_files:
         train_chars = num_chars - max(1, round(num_chars * validation_split))
-        return _Plan(files, [], _names(files), total_bytes, train_chars, num_chars - train_chars)
-    val_chars, val_bytes = _measure(val_files)
+        return _Plan(files, [], _names(files), total_bytes, train_chars, num_chars - train_chars, fmt,
+                     skipped.report())
+    val_chars, val_bytes = _measure(val_files, fmt, skipped)
     if val_chars == 0:
-        raise UserError(f"--val-data {_names(val_files)}: no text (the input is empty)")
-    return _Plan(files, val_files, _names(files), total_bytes + val_bytes, num_chars, val_chars)
+        raise UserError(f"--val-data {_names(val_files)}: no text (the input is empty{_all_bad(skipped)})")
+    return _Plan(files, val_files, _names(files), total_bytes + val_bytes, num_chars, val_chars, fmt,
+                 skipped.report())
+
+
+def _all_bad(skipped: Skipped) -> str:
+    return f", or every record was bad: {'; '.join(skipped.report())}" if skipped.counts else ""
 
 
 def _load_cache(cache_dir: Path) -> dict | None:
@@ -394,7 +435,7 @@ def _build_cache(plan: _Plan, cache_dir: Path, settings: TokenizerSettings) -> d
         meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "num_tokens": num_tokens, "num_train": num_train,
                 "train_chars": plan.train_chars, "val_chars": plan.val_chars, "text_bytes": plan.total_bytes,
                 "tokenizer": tokenizer.to_dict(), "files": [str(f) for f in plan.files],
-                "val_files": [str(f) for f in plan.val_files]}
+                "val_files": [str(f) for f in plan.val_files], "skipped": plan.skipped}
         atomic_write_bytes(cache_dir / "meta.json", json.dumps(meta).encode())  # last: marks the cache whole
     except TrainingFailed:
         raise UserError(f"the disk is full while writing the token cache in {cache_dir}; free some space, or set "
@@ -463,20 +504,24 @@ class EncodedText:
     unknown_chars: int  # characters outside the vocabulary, encoded as the unknown token
 
 
-def encode_files(paths: list[str | Path], tokenizer: Tokenizer, strict: bool = False) -> EncodedText:
+def encode_files(paths: list[str | Path], tokenizer: Tokenizer, strict: bool = False,
+                 fmt: RecordFormat | None = None) -> EncodedText:
     """Tokenize DATA with an existing tokenizer (for evaluation). Characters outside its vocabulary become the
-    unknown token and are counted; with `strict` (or without an unknown token) they are an error."""
-    files = find_text_files(paths)
+    unknown token and are counted; with `strict` (or without an unknown token) they are an error. `fmt` says how
+    record files give their text."""
+    files = find_data_files(paths)
     parts, chars, unknown = [], 0, 0
+    skipped = Skipped()
     for path in files:
-        for offset, data in iter_byte_chunks(path):
-            text = decode_chunk(path, offset, data)
+        for text in iter_text(path, fmt or RecordFormat(), skipped):
             chars += len(text)
             if tokenizer.unknown_chars(text):
                 tokenizer.encode(text, what=f"file {path}", strict=strict)  # raises when they are refused
             ids = tokenizer.encode_array(text)
             unknown += int(np.count_nonzero(ids == tokenizer.unknown_id)) if tokenizer.has_unknown else 0
             parts.append(ids.astype(tokenizer.dtype))
+    for line in skipped.report():
+        warn(line)
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=tokenizer.dtype)
     if len(tokens) < 2:
         raise UserError(f"{', '.join(map(str, files))}: too little text to evaluate (need at least 2 tokens)")

@@ -7,6 +7,7 @@ characters, so that char, byte and BPE models can be ranked on the same text.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import asdict, dataclass
@@ -19,7 +20,15 @@ import torch.nn.functional as F
 from fundamentallm import distributed
 from fundamentallm.checkpoint import Checkpoint, load_model
 from fundamentallm.console import Progress
-from fundamentallm.data import EncodedText, as_tensor, encode_files, eval_windows, gather_windows, prepare_data
+from fundamentallm.data import (
+    EncodedText,
+    as_tensor,
+    encode_files,
+    eval_windows,
+    gather_windows,
+    prepare_data,
+    record_format,
+)
 from fundamentallm.device import PRECISION_NAMES, autocast_dtype, select_device
 from fundamentallm.errors import UserError
 from fundamentallm.metrics import bits_per_char, perplexity
@@ -144,11 +153,16 @@ class Evaluation:
 
 def evaluate(checkpoint: Path, data_paths: list[str] | None = None, device: str = "auto",
              batch_size: int = 64, strict: bool = False, stride: int | None = None,
-             training_precision: bool = False) -> Evaluation:
+             training_precision: bool = False, text_field: str | None = None,
+             skip_bad_records: bool = False) -> Evaluation:
     """Loss over every token of DATA (or of the run's own validation split when no DATA is given), in float32
     unless `training_precision` asks for the training's autocast. Windows of the context length side by side,
     or sliding by `stride` tokens so that each prediction has more context. Characters the model never saw
-    count as its unknown token, or are refused with `strict`."""
+    count as its unknown token, or are refused with `strict`. Record files give their text as the training
+    run's config says, or from `text_field`."""
+    if not data_paths and (text_field or skip_bad_records):
+        raise UserError("--text-field and --skip-bad-records apply to DATA; without DATA the run's validation "
+                        "split is read as it was in training")
     dev = select_device(device)
     loaded = load_model(checkpoint, dev)
     tokenizer, context = loaded.tokenizer, loaded.model.context_length
@@ -156,7 +170,10 @@ def evaluate(checkpoint: Path, data_paths: list[str] | None = None, device: str 
         raise UserError(f"--stride {stride}: windows slide by 1 to {context} tokens (this model's context); "
                         f"leave it out for windows side by side")
     if data_paths:
-        text = encode_files(data_paths, tokenizer, strict)
+        fmt = record_format(loaded.config)
+        fmt = dataclasses.replace(fmt, text_field=text_field or fmt.text_field, skip_bad=skip_bad_records or
+                                  fmt.skip_bad)
+        text = encode_files(data_paths, tokenizer, strict, fmt)
         described = ", ".join(data_paths)
     else:
         text, described = _validation_split(loaded.checkpoint)

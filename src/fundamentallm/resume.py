@@ -204,7 +204,8 @@ def check_resume_compatible(checkpoint: Checkpoint, config: Config, data: TokenD
         raise UserError(f"cannot resume from {path}: it was trained on different data ({files}, "
                         f"{checkpoint.data.num_chars:,} characters; now {data.num_chars:,} characters from "
                         f"{', '.join(str(f) for f in data.files)}), or the text was edited since, or "
-                        f"validation_split, --val-data or the data.tokenizer settings changed")
+                        f"validation_split, --val-data, the data.tokenizer settings or how records give their text "
+                        f"(data.text_field, data.record_separator, data.skip_bad_records) changed")
     _check_same_tokenizer(checkpoint, data)
 
 

@@ -22,7 +22,7 @@ from fundamentallm import checkpoint as ckpt
 from fundamentallm import distributed
 from fundamentallm.config import Config, TrainingConfig
 from fundamentallm.console import info, warn
-from fundamentallm.data import BatchSampler, TokenData, as_tensor, characters_in, prepare_data
+from fundamentallm.data import BatchSampler, TokenData, as_tensor, characters_in, prepare_data, record_format
 from fundamentallm.device import (
     autocast_dtype,
     check_memory,
@@ -178,7 +178,7 @@ class FineTune:
                             f"({'; '.join(diffs[:3])}); leave out --config, or use one with the same model")
         self.tokenizer: Tokenizer = old
         if isinstance(old, CharTokenizer):
-            added = sorted(characters_in(data_paths) - set(old.chars)) if extend_vocab else []
+            added = sorted(characters_in(data_paths, record_format(config)) - set(old.chars)) if extend_vocab else []
             # Always an unknown token: older char models had none, and new text may hold characters they lack.
             self.tokenizer = CharTokenizer(old.chars + added, has_unknown=True)
         elif extend_vocab:
