@@ -21,7 +21,9 @@ import openai
 import pytest
 from helpers import ROOT, assert_clean_error, run_cli, train_tiny
 
+from fundamentallm.logprobs import Tracker, token_text
 from fundamentallm.serve import pending_text
+from fundamentallm.tokenizer import ByteTokenizer
 
 KEY = "test-key-123"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -474,3 +476,16 @@ def test_bad_chat_templates_are_refused_at_start(checkpoint: Path, tmp_path: Pat
     assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--chat-template", template),
                        "--chat-template", needle)
     assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--chat-template", tmp_path), "is a directory")
+
+
+def test_byte_tokens_in_logprobs_are_shown_as_bytes_until_their_character_completes() -> None:
+    tokenizer = ByteTokenizer()
+    assert token_text(tokenizer, ord("a")) == "a" and token_text(tokenizer, 0xC3) == "bytes:\\xc3"
+    tracker = Tracker(tokenizer, top=2, offset=3)
+    for token in "aé b".encode():
+        tracker.add(token, -1.0, [(token, -1.0), (ord("x"), -2.0)])
+    assert tracker.release(through=4).tokens == ["a"]  # "é" (offset 4) is not out yet
+    rest = tracker.release()
+    assert rest.tokens == ["bytes:\\xc3", "bytes:\\xa9", " ", "b"] and rest.text_offset == [4, 4, 5, 6]
+    assert rest.top_logprobs[0] == {"bytes:\\xc3": -1.0, "x": -2.0}
+    assert [entry["bytes"] for entry in rest.to_chat()["content"]] == [[0xC3], [0xA9], [32], [98]]

@@ -252,7 +252,7 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-def prompt_ids(served: Served, prompt: str | list[int], refuse_long: bool) -> list[int]:
+def prompt_ids(served: Served, prompt: str | list[int], refuse_long: bool, param: str = "prompt") -> list[int]:
     """A prompt's token ids (given as text, or as ids). With `refuse_long`, it must leave room in the context
     to generate (an echoed prompt may be longer: it is scored in full, and continued from its last tokens)."""
     tokenizer, context = served.engine.tokenizer, served.engine.model.context_length
@@ -260,7 +260,7 @@ def prompt_ids(served: Served, prompt: str | list[int], refuse_long: bool) -> li
         try:
             ids = tokenizer.encode(prompt, what="prompt", strict=True)
         except UserError as exc:
-            raise ApiError(400, str(exc), param="prompt", code="invalid_prompt") from None
+            raise ApiError(400, str(exc), param=param, code="invalid_prompt") from None
     elif not all(0 <= token < tokenizer.vocab_size for token in prompt):
         raise ApiError(400, f"prompt: token ids must be 0 to {tokenizer.vocab_size - 1} (this model's vocabulary)",
                        param="prompt", code="invalid_prompt")
@@ -268,9 +268,11 @@ def prompt_ids(served: Served, prompt: str | list[int], refuse_long: bool) -> li
         ids = list(prompt)
     if refuse_long and len(ids) >= context:
         unit = "characters" if tokenizer.kind == "char" else "tokens"
-        raise ApiError(400, f"the prompt is {len(ids):,} {unit}, but this model's context holds {context:,}; "
-                            f"shorten it to fewer than {context:,} {unit} (with echo, any length is scored)",
-                       param="prompt", code="context_length_exceeded")
+        what = "the prompt" if param == "prompt" else "the conversation, as the chat template renders it,"
+        raise ApiError(400, f"{what} is {len(ids):,} {unit}, but this model's context holds {context:,}; "
+                            f"shorten it to fewer than {context:,} {unit}"
+                            f"{' (with echo, any length is scored)' if param == 'prompt' else ''}",
+                       param=param, code="context_length_exceeded")
     return ids
 
 
@@ -452,7 +454,7 @@ async def _chat(served: Served, request: Request, params: ChatRequest) -> Any:
     except TemplateFailed as exc:
         raise ApiError(400, f"{served.chat_template.name} cannot render these messages: {exc}",
                        param="messages", code="chat_template_error") from None
-    return await _respond(served, request, params, ChatShape, [prompt_ids(served, prompt, True)],
+    return await _respond(served, request, params, ChatShape, [prompt_ids(served, prompt, True, "messages")],
                           _new_choices(served, params, [""], [None]))
 
 
