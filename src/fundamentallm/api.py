@@ -17,6 +17,7 @@ from fundamentallm.logprobs import Logprobs, Tracker
 MAX_TOKENS = 4096  # per choice; generation slides its window, so this bounds time, not memory
 MAX_CHOICES = 16  # prompts x n in one request
 MAX_STOPS = 4
+MAX_STOP_CHARS = 1000  # all of a request's stop sequences together (matching costs their length, once)
 MAX_LOGPROBS = 5  # the most likely alternatives reported per token, as OpenAI's completions API allows
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 UNSUPPORTED = {  # OpenAI parameters this server does not implement, and the values that mean "not used"
@@ -152,8 +153,9 @@ def parse_request(body: bytes, schema: type[Request]) -> Request:
         if (params.model_extra or {}).get(name) not in neutral:
             raise ApiError(400, f"{name} is not supported by this server; leave it out", param=name)
     stops = params.stops()
-    if len(stops) > MAX_STOPS or not all(stops):
-        raise ApiError(400, f"stop: give at most {MAX_STOPS} non-empty strings", param="stop")
+    if len(stops) > MAX_STOPS or not all(stops) or sum(map(len, stops)) > MAX_STOP_CHARS:
+        raise ApiError(400, f"stop: give at most {MAX_STOPS} non-empty strings of {MAX_STOP_CHARS} characters in "
+                            f"all", param="stop")
     return params
 
 

@@ -310,7 +310,7 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
     from fundamentallm.checkpoint import load_model
     from fundamentallm.console import warn
     from fundamentallm.device import select_device
-    from fundamentallm.generate import encode_prompt, generate_tokens
+    from fundamentallm.generate import TextStream, encode_prompt, generate_tokens
 
     dev = select_device(device)
     loaded = load_model(checkpoint, dev)
@@ -330,10 +330,10 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
             if num_samples > 1:
                 click.echo(f"{'' if sample == 0 else chr(10)}--- sample {sample + 1}/{num_samples} ---")
             click.echo(text, nl=False)
-            stream = tokenizer.stream_decoder()  # byte and BPE tokens may end inside a character
+            stream = TextStream(tokenizer)  # byte and BPE tokens may end inside a character
             for token in generate_tokens(loaded.model, ids, max_tokens, temperature, top_k, top_p, generator):
                 click.echo(stream.add(token), nl=False)
-            click.echo(stream.flush())
+            click.echo(stream.finish())
 
     if prompt is not None:
         run(prompt)

@@ -11,6 +11,7 @@ text gets.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -55,36 +56,213 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence picks its tokens (see `sample_next`)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One sequence's new token, with the model's log-probabilities at temperature 1 (float32): the token's own
+    and the TOP_LOGPROBS best (token, log-probability) pairs, best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+TOP_LOGPROBS = 5
+OVERFLOW = ("the model produced NaN or infinite scores for the next token: its weights are damaged or overflow "
+            "(e.g. saved after training diverged); use an earlier checkpoint")
+
+
+@dataclass(eq=False)
+class _Row:
+    tokens: list[int]  # the prompt and every token sampled since (the window slides over them)
+    sampling: Sampling
+    generator: torch.Generator | None
+    length: int = 0  # positions of the row's cache filled
+
+
+class DecodeBatch:
+    """Sequences decoded together: one forward pass per step advances them all, over one KV cache whose row i
+    holds sequence i at its own length. Sequences join (`add`: their prompt's forward pass fills their row) and
+    leave (`remove`) between steps; the rows stay packed, so a step computes nothing for absent ones.
+
+    A step is `sample()` (each sequence's next token, drawn with its own generator) then `advance()` (the forward
+    pass over those tokens). One sequence alone takes exactly `generate`'s path; in company its logits may differ
+    from alone in float rounding (a batched matrix product sums in another order), well within 1e-4."""
+
+    def __init__(self, model: GPT, capacity: int) -> None:
+        self.model, self.capacity = model, capacity
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(capacity, self.device, next(model.parameters()).dtype)
+        self.rows: list[_Row] = []
+        self._logits: torch.Tensor | None = None  # (rows, V): each row's scores for its next token
+        self._keep = max(1, model.context_length // 2)  # tokens kept when a row's window slides
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, prompt: list[int], sampling: Sampling, generator: torch.Generator | None) -> None:
+        """A new sequence, in the last row; `prompt` must fit in the context (and hold a token)."""
+        if len(self.rows) == self.capacity:
+            raise ValueError(f"the batch is full ({self.capacity} sequences)")
+        row = _Row(list(prompt), sampling, generator)
+        self.rows.append(row)
+        logits = self._fill(len(self.rows) - 1, row.tokens)
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+
+    @torch.inference_mode()
+    def remove(self, index: int) -> None:
+        """Sequence `index` leaves; the last sequence moves into its row (so indices change: remove from the
+        highest index down)."""
+        last = len(self.rows) - 1
+        if index != last:
+            self.cache.move_row(last, index)
+            self.rows[index] = self.rows[last]
+            if self._logits is not None:
+                self._logits[index] = self._logits[last]
+        self.rows.pop()
+        self._logits = self._logits[:last] if self.rows and self._logits is not None else None
+
+    @torch.inference_mode()
+    def sample(self) -> list[Sampled | None]:
+        """Each sequence's next token (None for one whose scores are not finite: it cannot go on)."""
+        assert self._logits is not None, "sample() needs a sequence"
+        logits = self._logits.float()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        logprobs = logits.log_softmax(dim=-1)
+        best = logprobs.topk(min(TOP_LOGPROBS, logits.size(-1)), dim=-1)
+        tokens = [int(sample_next(logits[i : i + 1], row.sampling.temperature, row.sampling.top_k,
+                                  row.sampling.top_p, row.generator)[0]) if finite[i] else -1
+                  for i, row in enumerate(self.rows)]
+        chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device).clamp(min=0)[:, None])[:, 0]
+        out: list[Sampled | None] = []
+        for i, (token, logprob, ids, values) in enumerate(zip(tokens, chosen.tolist(), best.indices.tolist(),
+                                                              best.values.tolist(), strict=True)):
+            if token < 0:
+                out.append(None)
+                continue
+            self.rows[i].tokens.append(token)
+            out.append(Sampled(token, logprob, list(zip(ids, values, strict=True))))
+        return out
+
+    @torch.inference_mode()
+    def advance(self) -> None:
+        """One forward pass over every sequence's last sampled token. A sequence whose window is full slides:
+        its row is rebuilt from its most recent tokens (a pass of its own, as `generate` does)."""
+        full = [i for i, row in enumerate(self.rows) if row.length == self.model.context_length]
+        stepping = [i for i in range(len(self.rows)) if i not in set(full)]
+        logits = torch.empty_like(self._logits) if self._logits is not None else None
+        if stepping:
+            if len(stepping) == len(self.rows):  # the usual case: every row, in order
+                ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
+                out, _ = self.model(ids, cache=self.cache, positions=[row.length for row in self.rows])
+                logits = out[:, -1]
+            else:  # rows that slide sit out this pass; the others are not packed, so step them one by one
+                for i in stepping:
+                    logits[i] = self._step_row(i)
+            for i in stepping:
+                self.rows[i].length += 1
+        for i in full:
+            logits[i] = self._fill(i, self.rows[i].tokens[-self._keep:])[0]
+        self._logits = logits
+
+    def _fill(self, index: int, tokens: list[int]) -> torch.Tensor:
+        """Row `index` rebuilt from `tokens` (a prompt, or the window after a slide): its next scores (1, V)."""
+        row = self.rows[index]
+        logits, _ = self.model(torch.tensor([tokens], device=self.device), cache=self.cache.row(index))
+        row.length = len(tokens)
+        return logits[:, -1]
+
+    def _step_row(self, index: int) -> torch.Tensor:
+        row = self.rows[index]
+        view = self.cache.row(index)
+        view.length = row.length
+        logits, _ = self.model(torch.tensor([[row.tokens[-1]]], device=self.device), cache=view)
+        return logits[0, -1]
+
+
 def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield `max_new_tokens` token ids continuing `prompt` (which must fit in the context), one at a time."""
-    return (token for token, _ in generate_steps(model, prompt, max_new_tokens, temperature, top_k, top_p,
-                                                 generator))
-
-
-@torch.inference_mode()
-def generate_steps(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0,
-                   generator: torch.Generator | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """As generate_tokens, each token with the logits (V,) it was sampled from (for its log-probability)."""
-    device = next(model.parameters()).device
-    context = model.context_length
-    keep = max(1, context // 2)  # tokens kept when the window slides
-    dtype = next(model.parameters()).dtype
-    cache = model.new_cache(1, device, dtype)
-    tokens = list(prompt)
-    logits, _ = model(torch.tensor([tokens], device=device), cache=cache)
+    """Yield `max_new_tokens` token ids continuing `prompt` (which must fit in the context), one at a time: a
+    `DecodeBatch` of one sequence, the path every served request takes too."""
+    batch = DecodeBatch(model, 1)
+    batch.add(prompt, Sampling(temperature, top_k, top_p), generator)
     for i in range(max_new_tokens):
-        next_id = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)[0])
-        tokens.append(next_id)
-        yield next_id, logits[0, -1]
-        if i == max_new_tokens - 1:
-            break
-        if cache.length == context:  # slide: rebuild the cache from the most recent tokens
-            cache.length = 0
-            logits, _ = model(torch.tensor([tokens[-keep:]], device=device), cache=cache)
-        else:
-            logits, _ = model(torch.tensor([[next_id]], device=device), cache=cache)
+        sampled = batch.sample()[0]
+        if sampled is None:
+            raise UserError(OVERFLOW)
+        yield sampled.token
+        if i < max_new_tokens - 1:
+            batch.advance()
+
+
+class TextStream:
+    """Tokens in, text out: the tokenizer's stream decoder (a byte or BPE token may end inside a character),
+    and the stop sequences, matched on the decoded text. Text that could begin a stop sequence is held back
+    until it is known not to; the stop sequence itself is never released.
+
+    Matching costs a constant per character and stop sequence (each keeps the length of its longest prefix that
+    ends the text, advanced with its KMP failure table), so a long stop sequence costs nothing per token."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str] = ()) -> None:  # type: ignore[assignment]
+        self._decoder = tokenizer.stream_decoder()
+        self._stops = [s for s in stops if s]
+        self._fail = [_failure_table(s) for s in self._stops]
+        self._matched = [0] * len(self._stops)  # per stop: its longest prefix that ends the text
+        self._held = ""  # decoded text not released yet (it may begin a stop sequence)
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """The text that token releases ('' while held back; nothing once a stop sequence is found)."""
+        return "" if self.stopped else self._take(self._decoder.add(token))
+
+    def finish(self) -> str:
+        """At the end of generation: whatever was still held back (an incomplete character becomes U+FFFD)."""
+        if self.stopped:
+            return ""
+        text = self._take(self._decoder.flush())
+        text, self._held = text + self._held, ""
+        return text
+
+    def _take(self, text: str) -> str:
+        self._held += text
+        start = len(self._held) - len(text)
+        for offset, ch in enumerate(text):
+            found = 0  # the longest stop sequence that ends at this character
+            for j, stop in enumerate(self._stops):
+                k, fail = self._matched[j], self._fail[j]
+                while k and stop[k] != ch:
+                    k = fail[k - 1]
+                k += stop[k] == ch
+                self._matched[j] = k
+                if k == len(stop):
+                    found = max(found, k)
+            if found:  # release what precedes the stop sequence; drop the rest
+                self.stopped = True
+                released, self._held = self._held[: start + offset + 1 - found], ""
+                return released
+        hold = max(self._matched, default=0)
+        released, self._held = self._held[: len(self._held) - hold], self._held[len(self._held) - hold :]
+        return released
+
+
+def _failure_table(pattern: str) -> list[int]:
+    """fail[i]: the length of the longest proper prefix of pattern[: i + 1] that is also its suffix (KMP)."""
+    fail, k = [0] * len(pattern), 0
+    for i in range(1, len(pattern)):
+        while k and pattern[k] != pattern[i]:
+            k = fail[k - 1]
+        k += pattern[k] == pattern[i]
+        fail[i] = k
+    return fail
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, context: int, strict: bool = False) -> tuple[list[int], list[str]]:

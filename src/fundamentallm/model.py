@@ -37,15 +37,64 @@ def _rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for the positions generated so far: each new token costs one position."""
+    """Keys and values of every layer for the positions generated so far: each new token costs one position.
+
+    Its rows advance together (`length` positions filled in each), or, in batched decoding, each row holds one
+    sequence of its own length: a forward pass given `positions` puts row b's one new token at positions[b]
+    and attends to that row's keys up to there (the caller keeps the lengths)."""
 
     def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         shape = (num_layers, batch, heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled
+        self.length = 0  # positions filled in every row (unused while `positions` is set)
         self.max_len = max_len
+        self.positions: torch.Tensor | None = None  # (B,): where each row's new token goes, in batched decoding
+        self._span = 0  # keys attended to in a batched step: the longest row's
+        self._mask: torch.Tensor | None = None  # (B, 1, 1, span): the keys each row may see; None if all
+
+    def row(self, index: int) -> KVCache:
+        """Row `index` alone as an empty cache of one row; its tensors are views of this cache's, so filling it
+        (a prompt's forward pass) fills that row."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, index : index + 1], self.v[:, index : index + 1]
+        view.length, view.max_len, view.positions, view._span, view._mask = 0, self.max_len, None, 0, None
+        return view
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row `source` over row `target` (a batch stays packed in its first rows when one leaves)."""
+        self.k[:, target] = self.k[:, source]
+        self.v[:, target] = self.v[:, source]
+
+    def place(self, positions: list[int] | None, device: torch.device) -> None:
+        """Set (or, with None, clear) each row's position for the next one-token forward pass."""
+        if positions is None:
+            self.positions, self._mask = None, None
+            return
+        self.positions = torch.tensor(positions, device=device)
+        self._span = max(positions) + 1
+        if self._span > self.max_len:
+            raise ValueError(f"{self._span} positions exceed the context length {self.max_len}")
+        # Rows of equal length need no mask: alone, a row then computes exactly what an unbatched step does.
+        self._mask = None if min(positions) == self._span - 1 else \
+            (torch.arange(self._span, device=device) <= self.positions[:, None])[:, None, None, :]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """Write the new keys and values (B, H, T, D) of `layer`; return every key and value the new queries
+        attend to, the number of cached positions before them, and the mask of keys each row may see."""
+        if self.positions is None:
+            past, T = self.length, k.shape[2]
+            self.k[layer, :, :, past : past + T] = k
+            self.v[layer, :, :, past : past + T] = v
+            return self.k[layer, :, :, : past + T], self.v[layer, :, :, : past + T], past, None
+        B = k.shape[0]
+        rows = torch.arange(B, device=k.device)
+        self.k[layer, rows, :, self.positions] = k[:, :, 0]
+        self.v[layer, rows, :, self.positions] = v[:, :, 0]
+        span = self._span
+        return self.k[layer, :B, :, :span], self.v[layer, :B, :, :span], span - 1, self._mask
 
 
 def rope_tables(context_length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,25 +129,26 @@ class CausalSelfAttention(nn.Module):
             q, k = _rms_norm(q, self.q_norm), _rms_norm(k, self.k_norm)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
+        past, mask = 0, None
         if cache is not None:
-            past = cache.length
-            cache.k[layer, :, :, past : past + T] = k
-            cache.v[layer, :, :, past : past + T] = v
-            k, v = cache.k[layer, :, :, : past + T], cache.v[layer, :, :, : past + T]
-        y = _attention(q, k, v, past, self.attention_dropout if self.training else 0.0)
+            k, v, past, mask = cache.store(layer, k, v)
+        y = _attention(q, k, v, past, self.attention_dropout if self.training else 0.0, mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, dropout: float) -> torch.Tensor:
-    """Causal attention of T new queries over `past` cached positions plus themselves: (B, H, T, D)."""
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, dropout: float,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of T new queries over `past` cached positions plus themselves: (B, H, T, D). A batched
+    decoding step (T = 1) gives the `mask` of each row's keys when its rows differ in length."""
     T = q.shape[2]
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32 (13.4 against 3.8
         # ms per layer for fast-cpu's shapes, torch 2.13), so on a CPU attention runs in fp32 even under autocast.
         with torch.autocast("cpu", enabled=False):
-            return _attention(q.float(), k.float(), v.float(), past, dropout).to(torch.bfloat16)
+            return _attention(q.float(), k.float(), v.float(), past, dropout, mask).to(torch.bfloat16)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     if past == 0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     if T == 1:  # one new token attends to every cached position
@@ -200,27 +250,44 @@ class GPT(nn.Module):
         return KVCache(self.cfg.num_layers, batch, self.cfg.num_heads, self.context_length, self.cfg.head_dim,
                        device, dtype)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy over the
         targets that are not -1. With a cache, idx continues the cached positions and only the last position's
-        logits are computed (B, 1, V)."""
+        logits are computed (B, 1, V). Batched decoding gives `positions` too: one token per row (T = 1), row b's
+        at positions[b] of its own row of the cache, which then leaves its `length` alone."""
         T = idx.shape[1]
+        if positions is not None:
+            assert cache is not None and T == 1, "positions are for one-token steps over a cache"
+            cache.place(positions, idx.device)
+            try:
+                return self._forward(idx, targets, cache, cache.positions[:, None])
+            finally:
+                cache.place(None, idx.device)
         start = cache.length if cache is not None else 0
         if start + T > self.context_length:
             raise ValueError(f"{start + T} positions exceed the context length {self.context_length}")
+        logits, loss = self._forward(idx, targets, cache, torch.arange(start, start + T, device=idx.device))
+        if cache is not None:
+            cache.length += T
+        return logits, loss
+
+    def _forward(self, idx: torch.Tensor, targets: torch.Tensor | None, cache: KVCache | None,
+                 pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pass itself; `pos` holds the tokens' positions: (T,) shared by every row, or (B, 1) per row."""
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
-        rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T]) \
-            if self.cfg.position_embedding == "rope" else None
+            x = x + self.pos_emb(pos)
+        rope = None
+        if self.cfg.position_embedding == "rope":  # (T, D/2), or (B, 1, 1, D/2) to broadcast over heads
+            rope = (self.rope_cos[pos], self.rope_sin[pos]) if pos.dim() == 1 else \
+                (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
         x = x0 = self.drop(x)
         for layer, block in enumerate(self.blocks):
             if self.cfg.residual_scalars:
                 x = self.resid_scale[layer] * x + self.x0_scale[layer] * x0
             x = block(x, rope, cache, layer)
         if cache is not None:
-            cache.length += T
             x = x[:, -1:]
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if self.cfg.logit_softcap:  # bounded logits: no single output can run away early in training

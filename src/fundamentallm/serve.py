@@ -6,12 +6,9 @@ one prompt by a chat template, chat.py), GET /v1/models, POST /tokenize and /det
 (as vLLM's server has them), GET /health (load, for readiness checks) and GET / (the playground,
 static/playground.html). The shapes of requests and answers are in api.py.
 
-Concurrency: one worker thread owns the model and advances every active request by one token in turn, each
-request with its own KV cache (a `generate.generate_tokens` iterator), so tokens reach all clients at once.
-Requests beyond `slots` wait in a queue. Batched decoding (one forward pass for many requests) would give more
-tokens per second, but on a CPU a row's logits in a batch differ from the same row alone in the last bits, so a
-seeded request's text would depend on what else the server is doing; this way it never does, and it is exactly
-what `fundamentallm generate --seed` prints. The README gives the measurements behind this choice.
+Concurrency: the engine (`batching.py`) advances every running request together, one batched forward pass per
+token, in one worker thread; requests beyond `slots` wait in a queue. A seeded request served alone gets exactly
+what `fundamentallm generate --seed` prints; in company its scores may differ in float rounding.
 
 An echoed prompt is scored by `evaluate.token_logprobs` in a thread of its own (one prompt at a time): the same
 windows and float32 log-softmax as `fundamentallm evaluate`, so its log-probabilities sum to minus evaluate's
@@ -28,8 +25,7 @@ import socket
 import threading
 import time
 import traceback
-from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -64,152 +60,14 @@ try:  # the optional extra: without it, `fundamentallm serve` is one clear error
 except ImportError:
     raise UserError("fundamentallm serve needs FastAPI and uvicorn: pip install 'fundamentallm[serve]'") from None
 
+from fundamentallm.batching import Engine, FinishEvent, Job, QueueFull, TokenEvent
 from fundamentallm.evaluate import token_logprobs
-from fundamentallm.generate import generate_steps, start_tokens
+from fundamentallm.generate import Sampling, start_tokens
 from fundamentallm.logprobs import Logprobs, Tracker, prompt_logprobs
-from fundamentallm.model import GPT
-from fundamentallm.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 1 << 20  # a prompt never needs more: it must fit in the model's context (or be scored alone)
-QUEUE_PER_SLOT = 4  # waiting requests allowed per slot before the server answers 503
 DISCONNECT_CHECK_SECONDS = 0.5  # how often a plain (not streamed) request checks that its client is still there
 GRACE_SECONDS = 10  # on Ctrl-C / SIGTERM, in-flight requests get this long to finish before they are cut off
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The engine: one worker thread, one KV cache per request
-
-
-@dataclass
-class TokenEvent:
-    """One generated token, as the engine reports it."""
-
-    text: str  # the decoded text this token releases (may be empty: held back for a stop sequence)
-    token: int
-    logprob: float  # the model's log-softmax at temperature 1
-    top: list[tuple[int, float]]  # the TOP_LOGPROBS most likely tokens at temperature 1, best first
-
-
-@dataclass
-class FinishEvent:
-    """A choice's last event."""
-
-    reason: str  # "stop", "length", or "error: ..." when generation failed
-    text: str = ""  # text held back until now (it could have begun a stop sequence)
-
-
-TOP_LOGPROBS = 5  # alternatives in every TokenEvent
-
-
-@dataclass(eq=False)  # compared by identity: the engine finds a job in its queue
-class Job:
-    """One choice of one request: its token stream, its stop sequences and where its events go."""
-
-    index: int
-    steps: Iterator[tuple[int, torch.Tensor]]  # (token, the logits it was sampled from)
-    stops: list[str]
-    emit: Any  # callable(index, TokenEvent | FinishEvent): called from the worker thread
-    text: str = ""
-    sent: int = 0  # characters of `text` already emitted
-    generated: int = 0
-    cancelled: bool = False
-    done: bool = False
-
-
-def pending_text(text: str, sent: int, stops: list[str]) -> tuple[str, bool]:
-    """What of text[sent:] can be sent now, and whether a stop sequence ended it. Text that could be the start of
-    a stop sequence is held back until it is known not to be one; the stop sequence itself is never sent."""
-    found = [i for i in (text.find(s, sent) for s in stops) if i >= 0]
-    if found:
-        return text[sent:min(found)], True
-    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[sent:len(text) - hold], False
-
-
-class Engine:
-    """Runs jobs round-robin in one thread: each turn advances every active job by one token."""
-
-    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int) -> None:
-        self.model, self.tokenizer, self.slots = model, tokenizer, slots
-        self._waiting: deque[Job] = deque()
-        self._active: list[Job] = []
-        self._cond = threading.Condition()
-        self._stopping = False
-        self.tokens_generated = 0  # since start, for /health (only the worker thread writes it)
-        self._thread = threading.Thread(target=self._run, name="fundamentallm-engine", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join()
-
-    def load(self) -> dict[str, int]:
-        with self._cond:
-            return {"active": len(self._active), "waiting": len(self._waiting), "slots": self.slots,
-                    "tokens_generated": self.tokens_generated}
-
-    def submit(self, jobs: list[Job]) -> None:
-        with self._cond:
-            if len(self._waiting) + len(jobs) > QUEUE_PER_SLOT * self.slots:
-                raise ApiError(503, "the server is busy: too many requests are waiting; retry later",
-                               code="overloaded", kind="server_error")
-            self._waiting.extend(jobs)
-            self._cond.notify()
-
-    def cancel(self, jobs: list[Job]) -> None:
-        with self._cond:
-            for job in jobs:
-                job.cancelled = True
-                if job in self._waiting:
-                    self._waiting.remove(job)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._active or self._waiting or self._stopping):
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                while self._waiting and len(self._active) < self.slots:
-                    self._active.append(self._waiting.popleft())
-                turn = list(self._active)
-            for job in turn:
-                self._step(job)
-            with self._cond:
-                self._active = [job for job in self._active if not job.done]
-
-    def _step(self, job: Job) -> None:
-        if job.cancelled:
-            job.done = True
-            return
-        try:
-            step = next(job.steps, None)
-        except Exception as exc:  # a bug, not the client's fault: end this job, keep serving the others
-            traceback.print_exc()
-            job.done = True
-            job.emit(job.index, FinishEvent(f"error: {type(exc).__name__}: {exc}"))
-            return
-        if step is None:  # max_tokens reached: whatever was held back for a stop sequence goes out now
-            job.done = True
-            job.emit(job.index, FinishEvent("length", job.text[job.sent:]))
-            return
-        token, logits = step
-        logp = logits.float().log_softmax(dim=-1)
-        best = logp.topk(min(TOP_LOGPROBS, logp.numel()))
-        job.generated += 1
-        self.tokens_generated += 1
-        job.text += self.tokenizer.decode([token])
-        ready, stopped = pending_text(job.text, job.sent, job.stops)
-        job.sent += len(ready)
-        job.done = stopped
-        job.emit(job.index, TokenEvent(ready, token, float(logp[token]),
-                                       list(zip(best.indices.tolist(), best.values.tolist(), strict=True))))
-        if stopped:
-            job.emit(job.index, FinishEvent("stop"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,7 +116,7 @@ def prompt_ids(served: Served, prompt: str | list[int], refuse_long: bool, param
     tokenizer, context = served.engine.tokenizer, served.engine.model.context_length
     if isinstance(prompt, str):
         try:
-            ids = tokenizer.encode(prompt, what="prompt", strict=True)
+            ids = tokenizer.encode(prompt, what="prompt")  # unseen characters: the unknown token, as in generate
         except UserError as exc:
             raise ApiError(400, str(exc), param=param, code="invalid_prompt") from None
     elif not all(0 <= token < tokenizer.vocab_size for token in prompt):
@@ -287,9 +145,9 @@ def _jobs(served: Served, params: SamplingRequest, prompts: list[list[int]], emi
             generator.seed()
         else:
             generator.manual_seed(params.seed + index)
-        steps = generate_steps(engine.model, prompts[index // params.n][-keep:] or start_tokens(engine.tokenizer),
-                               params.max_tokens or 0, params.temperature, params.top_k, params.top_p, generator)
-        jobs.append(Job(index, steps, params.stops(), emit))
+        prompt = prompts[index // params.n][-keep:] or start_tokens(engine.tokenizer)
+        sampling = Sampling(params.temperature, params.top_k, params.top_p)
+        jobs.append(Job(index, prompt, params.max_tokens or 0, sampling, generator, params.stops(), emit))
     return jobs
 
 
@@ -374,6 +232,12 @@ def create_app(served: Served) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        error = ApiError(400, str(exc), param="n") if exc.never else \
+            ApiError(503, str(exc), code="overloaded", kind="server_error")
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405 from routing

@@ -36,7 +36,7 @@ from fundamentallm.device import (
 )
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.evaluate import estimate_loss
-from fundamentallm.generate import generate_tokens
+from fundamentallm.generate import TextStream, generate_tokens
 from fundamentallm.metrics import MetricsLog, bits_per_char, eta_seconds, perplexity
 from fundamentallm.optim import lr_at, optimizer_step, set_lr, warmup_for
 from fundamentallm.plan import Planner, epochs_of, plan_steps, plan_text
@@ -298,8 +298,8 @@ def sample_text(run: Run) -> str:
     run.model.eval()
     ids = list(generate_tokens(run.model, prompt, cfg.sample_tokens, temperature=0.5, generator=generator))
     run.model.train(was_training)
-    tokenizer = run.data.tokenizer
-    text = tokenizer.decode(prompt) + tokenizer.decode(ids)
+    stream = TextStream(run.data.tokenizer)  # one text for prompt and continuation: a character may span both
+    text = "".join(stream.add(token) for token in prompt + ids) + stream.finish()
     info("  sample: " + text.replace("\n", "\n          "))
     return text
 
