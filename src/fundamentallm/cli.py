@@ -154,7 +154,7 @@ def _key_option(key: str, *names: str, type: Any = None, metavar: str | None = N
     if field.annotation is bool:  # a switch: given, it sets true; absent, the preset or YAML file decides
         option = click.option(*names, is_flag=True, default=None, help=help)
     else:
-        option = click.option(*names, type=type or _click_type(field), metavar=metavar, default=None,
+        option = click.option(*names, type=type or _click_type(key, field), metavar=metavar, default=None,
                               show_default=f"from --config, else {_shown(field.default)}", help=help)
 
     def register(function: Any) -> Any:
@@ -167,17 +167,17 @@ def _key_option(key: str, *names: str, type: Any = None, metavar: str | None = N
     return register
 
 
-def _click_type(field: Any) -> click.ParamType:
+def _click_type(key: str, field: Any) -> click.ParamType:
     """The click type of a Config field: a number with the field's bounds (ge, gt, le, lt), or a choice."""
     kinds = [kind for kind in (typing.get_args(field.annotation) or (field.annotation,)) if kind is not type(None)]
     bounds = {name: getattr(rule, name) for rule in field.metadata for name in ("ge", "gt", "le", "lt")
               if getattr(rule, name, None) is not None}
     low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
     if kinds in ([int], [float]):
-        number = click.IntRange if kinds == [int] else click.FloatRange
-        return number(min=low, max=high, min_open="gt" in bounds, max_open="lt" in bounds)
+        number = _KeyIntRange if kinds == [int] else _KeyFloatRange
+        return number(key, min=low, max=high, min_open="gt" in bounds, max_open="lt" in bounds)
     if len(kinds) == 1 and typing.get_origin(kinds[0]) is typing.Literal:
-        return click.Choice([str(choice) for choice in typing.get_args(kinds[0])])
+        return _KeyChoice(key, [str(choice) for choice in typing.get_args(kinds[0])])
     raise TypeError(f"no click type for a config field of type {field.annotation}; pass type=")
 
 
@@ -188,6 +188,56 @@ def _record_options() -> Any:
         return _key_option("data.text_field", "--text-field", type=str, metavar="NAME")(function)
 
     return add
+
+
+class _NamesKey:
+    """A click type whose errors name the config key the flag sets, in the words of the config's own errors."""
+
+    def __init__(self, key: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key = key
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:
+            self.fail(f"{exc.message.rstrip('.')} ({self.key})", param, ctx)
+
+
+class _KeyRange(_NamesKey):
+    """A number within the field's bounds; out of them, the message the config would give."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from fundamentallm.config import short_repr
+
+        number = self._number(value, param, ctx)
+        rules = [(self.min is not None and (number < self.min or (self.min_open and number == self.min)),
+                  f"greater than{'' if self.min_open else ' or equal to'} {self.min}"),
+                 (self.max is not None and (number > self.max or (self.max_open and number == self.max)),
+                  f"less than{'' if self.max_open else ' or equal to'} {self.max}")]
+        for broken, words in rules:
+            if broken:
+                self.fail(f"{self.key} = {short_repr(number)} is not allowed: must be {words}", param, ctx)
+        return number
+
+    def _number(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        plain = click.INT if isinstance(self, click.IntRange) else click.FLOAT
+        try:
+            return plain.convert(value, param, ctx)
+        except click.BadParameter as exc:
+            self.fail(f"{exc.message.rstrip('.')} ({self.key})", param, ctx)
+
+
+class _KeyIntRange(_KeyRange, click.IntRange):
+    name = "integer"  # INTEGER in the help, the range shown beside it
+
+
+class _KeyFloatRange(_KeyRange, click.FloatRange):
+    name = "float"
+
+
+class _KeyChoice(_NamesKey, click.Choice):
+    pass
 
 
 def _shown(default: Any) -> str:
