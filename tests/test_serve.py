@@ -498,3 +498,36 @@ def test_byte_tokens_in_logprobs_are_shown_as_bytes_until_their_character_comple
     assert rest.tokens == ["bytes:\\xc3", "bytes:\\xa9", " ", "b"] and rest.text_offset == [4, 4, 5, 6]
     assert rest.top_logprobs[0] == {"bytes:\\xc3": -1.0, "x": -2.0}
     assert [entry["bytes"] for entry in rest.to_chat()["content"]] == [[0xC3], [0xA9], [32], [98]]
+
+
+def test_logprobs_of_a_byte_model_on_accented_and_cyrillic_text(tmp_path: Path) -> None:
+    """Characters of two bytes: tokens that hold part of one are shown as bytes, and everything still adds up."""
+    text = ("Déjà vu, café crème. Привет, мир! " * 40)
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FUNDAMENTALLM_CACHE_DIR", str(tmp_path / "token-cache"))
+        train_tiny(tmp_path / "text.txt", tmp_path / "run", "--set", "data.tokenizer=byte", "--max-steps", "30")
+    checkpoint = tmp_path / "run" / "best_model.pt"
+    scored = "Привет, café! " * 4  # 100 bytes: longer than the context (32), so scored in windows
+    (tmp_path / "scored.txt").write_text(scored, encoding="utf-8")
+    evaluation = json.loads(run_cli("evaluate", checkpoint, tmp_path / "scored.txt", "--json", "--device", "cpu")
+                            .stdout)
+    server = Server(checkpoint, tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        echoed = client.completions.create(model="m", prompt=scored, max_tokens=0, echo=True, logprobs=1)
+        logprobs = echoed.choices[0].logprobs
+        assert len(logprobs.tokens) == len(scored.encode()) == evaluation["tokens"]
+        assert "bytes:\\xd0" in logprobs.tokens and logprobs.text_offset[-1] == len(scored) - 1
+        nats = evaluation["loss_per_token"] * evaluation["predictions"]
+        assert abs(-sum(logprobs.token_logprobs[1:]) - nats) <= 1e-3 * nats
+
+        plain = client.completions.create(model="m", prompt="Привет", max_tokens=40, seed=1, logprobs=2)
+        choice = plain.choices[0]
+        shown = b"".join(bytes(int(h, 16) for h in t[len("bytes:"):].split("\\x")[1:]) if t.startswith("bytes:")
+                         else t.encode() for t in choice.logprobs.tokens)
+        assert shown.decode("utf-8", errors="replace") == choice.text
+        offsets = choice.logprobs.text_offset
+        assert offsets == sorted(offsets) and offsets[-1] < len(choice.text)
+    finally:
+        server.stop()
