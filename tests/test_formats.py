@@ -118,6 +118,9 @@ def test_text_field_flag_reaches_the_run(tmp_path: Path, documents: list[str]) -
     # The run's own setting travels with it: resuming reads the same field without the flag.
     resumed = run_cli("train", path, "-o", tmp_path / "run", *TINY, "--resume", "auto", "--max-steps", "3")
     assert resumed.exit_code == 0, resumed.stderr
+    # So does evaluate's reading of the run's own validation split.
+    split = run_cli("evaluate", tmp_path / "run" / "final_model.pt", "--json")
+    assert split.exit_code == 0 and json.loads(split.stdout)["characters"] > 0, split.stderr
 
 
 def test_val_data_lr_find_and_fine_tuning_read_records(tmp_path: Path, documents: list[str]) -> None:
