@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import fundamentallm  # noqa: F401
 import torch
 # isort: on
 import pytest
-from helpers import ALICE
+from helpers import ALICE, train_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +53,43 @@ def corpus(tmp_path: Path, alice: str) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(alice[:40_000], encoding="utf-8")
     return path
+
+
+# Finished tiny runs and texts, one per test module that asks (module scope), shared by its tests that only read
+# or copy them.
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, alice: str) -> Path:
+    """One finished tiny run (context 32), shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("shared-run")
+    corpus = root / "corpus.txt"
+    corpus.write_text(alice[:40_000])
+    os.environ["FUNDAMENTALLM_CACHE_DIR"] = str(root / "cache")
+    train_tiny(corpus, root / "run", "--epochs", "1")
+    return root / "run"
+
+
+WORDS = ["the", "of", "and", "to", "a", "in", "that", "is", "was", "he", "for", "it", "with", "as", "his", "on",
+         "be", "at", "by", "this", "had", "not", "are", "but", "from", "or", "have", "they", "which", "one", "you",
+         "were", "her", "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will",
+         "more", "no", "if", "out", "so", "said", "what", "up", "about", "into", "than", "them", "can", "only"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 10,000 characters of made-up sentences: about 30 training steps per epoch with TINY."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(220)]
+    path = tmp_path_factory.mktemp("text") / "sentences.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, text: Path) -> Path:
+    """One finished tiny run (one epoch), shared by the tests that copy or only read it."""
+    root = tmp_path_factory.mktemp("trained")
+    os.environ["FUNDAMENTALLM_CACHE_DIR"] = str(root / "cache")
+    train_tiny(text, root / "run", "--epochs", "1")
+    return root / "run"

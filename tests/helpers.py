@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,3 +119,39 @@ def assert_clean_error(result: Result | subprocess.CompletedProcess, *needles: s
     assert "Traceback" not in stderr and "Traceback" not in result.stdout, stderr
     for needle in needles:
         assert needle.lower() in stderr.lower(), f"{needle!r} not in stderr: {stderr}"
+
+
+def assert_one_line(result, *needles: str, code: int = 2) -> None:
+    assert_clean_error(result, *needles, code=code)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines[0]) < 1000, f"the message is {len(lines[0])} characters long"
+
+
+def in_private_tmpfs(script: str, mount_options: str, tmp: Path) -> subprocess.CompletedProcess:
+    """Run a shell script in a private mount namespace with a tmpfs at $FS (gone when the script ends)."""
+    # What this needs is part of the test: without it the test fails (saying what is missing), it never skips.
+    assert shutil.which("unshare"), "this test needs unshare(1) (util-linux) to mount a private tmpfs"
+    fs = tmp / "fs"
+    fs.mkdir()
+    wrapper = f'mount -t tmpfs -o {mount_options} tmpfs "$FS" || exit 77\n{script}'
+    cmd = ["unshare", "--mount"] + (["--map-root-user"] if os.geteuid() != 0 else []) + ["sh", "-c", wrapper]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD,
+                            env=subprocess_env(FS=str(fs), PY=sys.executable))
+    assert result.returncode != 77, (f"cannot mount a private tmpfs here ({result.stderr.strip()}); this test needs "
+                                     f"unprivileged user namespaces (or root)")
+    return result
+
+
+def in_private_tmpfs_or_none(script: str, mount_options: str, tmp: Path) -> subprocess.CompletedProcess | None:
+    """Run a shell script with a fresh tmpfs mounted at $FS in a private mount namespace; None where mounting is
+    impossible here (no unshare, no privileges)."""
+    if shutil.which("unshare") is None:
+        return None
+    fs = tmp / "fs"
+    fs.mkdir()
+    wrapper = f'mount -t tmpfs -o {mount_options} tmpfs "$FS" || exit 77\n{script}'
+    cmd = ["unshare", "--mount"] + (["--map-root-user"] if os.geteuid() != 0 else []) + ["sh", "-c", wrapper]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "FS": str(fs), "PY": sys.executable})
+    return None if result.returncode == 77 else result
