@@ -160,3 +160,10 @@ def test_the_dev_extra_installs_every_other_extra() -> None:
     named = re.fullmatch(r"fundamentallm\[(.*)\]", extras["dev"][0])
     assert named, "the dev extra's first entry is fundamentallm[every,other,extra]"
     assert sorted(named.group(1).split(",")) == sorted(set(extras) - {"dev"})
+
+
+def test_the_readme_is_short_and_starts_with_the_first_run() -> None:
+    # A newcomer reaches the first run and the command list within the first screen; the reference lives in docs/.
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines: move reference text to docs/*.md"
+    assert lines.index("## First run") < 30 and lines.index("## Commands") < 60
