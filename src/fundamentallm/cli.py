@@ -624,7 +624,7 @@ def bench(data: Path, device: str, rows: str | None, steps: int | None, generati
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. Anything but localhost lets other machines use it: read the README.")
+              help="Address to listen on. Anything but localhost lets other machines use it: read docs/serve.md.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
 @click.option("--api-key", envvar="FUNDAMENTALLM_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on the API.")
