@@ -273,7 +273,13 @@ def create_app(served: Served) -> FastAPI:
         _check_key(served, request.headers.get("authorization"))
         return await _chat(served, request, parse_request(await _read_body(request), ChatRequest))
 
-    # The tokenizer, as vLLM's server offers it (lm-evaluation-harness's remote tokenizer uses these three).
+    _tokenizer_routes(app, served)
+    return app
+
+
+def _tokenizer_routes(app: FastAPI, served: Served) -> None:
+    """The tokenizer, as vLLM's server offers it (lm-evaluation-harness's remote tokenizer uses these three)."""
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         _check_key(served, request.headers.get("authorization"))
@@ -293,8 +299,6 @@ def create_app(served: Served) -> FastAPI:
         return {"tokenizer_class": f"fundamentallm {tokenizer.kind}", "vocab_size": tokenizer.vocab_size,
                 "model_max_length": served.engine.model.context_length, "bos_token": None, "eos_token": None,
                 "pad_token": None, "chat_template": served.chat_template.source}
-
-    return app
 
 
 async def _completions(served: Served, request: Request, params: CompletionRequest) -> Any:
