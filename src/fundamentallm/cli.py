@@ -111,7 +111,7 @@ def _tensorboard_option(help: str = "Also write TensorBoard event files (needs t
 def _threads_option() -> Any:
     return click.option("--threads", type=click.IntRange(min=1, max=4096), callback=_set_threads,
                         expose_value=False, is_eager=True,
-                        help="CPU threads for PyTorch. Default: the cores this process may use.")
+                        show_default="the cores this process may use", help="CPU threads for PyTorch.")
 
 
 def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
@@ -570,7 +570,7 @@ def sweep(data: tuple[str, ...], grids: tuple[str, ...], config_name: str | None
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="PNG to write. Default: RUN_DIR/training.png for one run, comparison.png for several.")
+              show_default="RUN_DIR/training.png for one run, comparison.png for several", help="PNG to write.")
 def plot(run_dirs: tuple[Path, ...], output: Path | None) -> None:
     """Plot training and validation loss and the learning rate of one run, or overlay several."""
     from fundamentallm.plot import plot_runs
@@ -596,7 +596,8 @@ def status(run_dir: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @_device_option()
-@click.option("--rows", help="Comma-separated PRESET:BATCH training rows (default: the reference table's).")
+@click.option("--rows", show_default="the reference rows of the device (docs/tuning.md)",
+              help="Comma-separated PRESET:BATCH training rows.")
 @click.option("--steps", type=click.IntRange(min=2), help="Timed optimizer steps per row (after warm-up).")
 @click.option("--generation/--no-generation", default=True, show_default=True,
               help="Also time KV-cached generation of --generation-tokens characters per preset.")
