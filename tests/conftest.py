@@ -93,3 +93,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory, text: Path) -> Path:
     os.environ["FUNDAMENTALLM_CACHE_DIR"] = str(root / "cache")
     train_tiny(text, root / "run", "--epochs", "1")
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished tiny run (4 steps on 8,000 characters of alice.txt) shared by the tests that only read it or
+    copy it: its directory, with final_model.pt, best_model.pt, config.yaml and metrics.jsonl."""
+    from helpers import train_tiny
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    text = root / "text.txt"
+    text.write_text(ALICE.read_text(encoding="utf-8")[:8_000], encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUNDAMENTALLM_CACHE_DIR", str(root / "token-cache"))
+        mp.chdir(root)
+        train_tiny(text, root / "run", "--max-steps", "4")
+    return root / "run"

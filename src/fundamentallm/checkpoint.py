@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import pickle
 import typing
 import warnings
@@ -29,9 +30,8 @@ from fundamentallm import __version__
 from fundamentallm.config import Config, config_from_dict
 from fundamentallm.device import check_memory, model_memory
 from fundamentallm.errors import UserError
-from fundamentallm.files import atomic_write
+from fundamentallm.files import atomic_write, is_regular, open_regular, read_regular
 from fundamentallm.model import GPT
-from fundamentallm.runfiles import FINAL
 from fundamentallm.tokenizer import Tokenizer, tokenizer_from_dict
 
 if TYPE_CHECKING:  # types only: readers of checkpoints (evaluate, generate) need no training code
@@ -131,7 +131,7 @@ def read_checkpoint(path: Path | str) -> Checkpoint:
     """Load and check a checkpoint (a .pt file, or a directory written by `export --format safetensors`); every
     way it can be wrong becomes one clear UserError."""
     path = Path(path)
-    if (path / WEIGHTS_DIR_JSON).is_file():
+    if os.path.lexists(path / WEIGHTS_DIR_JSON):  # a FIFO in its place is refused there, not taken for a .pt
         return _read_weights_dir(path)
     payload = _load_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -153,16 +153,16 @@ def read_checkpoint(path: Path | str) -> Checkpoint:
 
 
 def _load_payload(path: Path) -> Any:
-    if not path.exists():
+    if not os.path.lexists(path):
         raise UserError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        candidates = sorted(p.name for p in path.glob("*.pt"))
-        hint = f" (it holds {', '.join(candidates)})" if candidates else ""
-        raise UserError(f"{path} is a directory; give a checkpoint file such as {path / FINAL}{hint}")
+        raise UserError(_directory_hint(path))
+    f = open_regular(path, "checkpoint")  # a FIFO or device would block torch.load forever
     try:
         with warnings.catch_warnings():  # torch's advice about foreign pickles is noise next to our error
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with f:
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():  # the pickle names a Python callable or class: never run it
             raise UserError(f"{path} holds Python objects other than tensors and plain data; refusing to load "
@@ -197,42 +197,85 @@ def write_weights_dir(checkpoint: Checkpoint, model: GPT, out: Path) -> None:
     (out / WEIGHTS_DIR_JSON).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+MAX_RECORD_BYTES = 64 << 20  # fundamentallm.json: a BPE vocabulary of 100,000 merges is a few MB
+MAX_RECORD_DEPTH = 16  # its deepest entry (a tokenizer's) is 4 levels down
+
+
 def _read_weights_dir(path: Path) -> Checkpoint:
+    """A directory written by `export --format safetensors`, read with the bounds of a config file: regular files
+    only, a size cap, a nesting cap, and every entry of the type FundamentaLLM writes."""
     try:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError:
         raise UserError(f"reading {path} needs safetensors: pip install 'fundamentallm[export]'") from None
-    try:
-        record = json.loads((path / WEIGHTS_DIR_JSON).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{path / WEIGHTS_DIR_JSON} is unreadable ({exc}); export the model again") from None
-    if not isinstance(record, dict) or record.get("format") != WEIGHTS_DIR_FORMAT:
-        raise UserError(f"{path / WEIGHTS_DIR_JSON} is not a FundamentaLLM export (no '{WEIGHTS_DIR_FORMAT}' marker)")
-    if type(record.get("format_version")) is not int or record["format_version"] > WEIGHTS_DIR_VERSION:
-        raise UserError(f"{path} has export format version {record.get('format_version')!r}, but this "
-                        f"FundamentaLLM ({__version__}) reads version {WEIGHTS_DIR_VERSION}; upgrade FundamentaLLM")
+    record = _read_record(path / WEIGHTS_DIR_JSON)
+    version = record.get("format_version")
+    if type(version) is not int or not 1 <= version <= WEIGHTS_DIR_VERSION:
+        raise UserError(f"{path} has export format version {version!r}, but this FundamentaLLM ({__version__}) "
+                        f"reads version {WEIGHTS_DIR_VERSION}; export the model again with this version")
     weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file() or _file_sha256(weights_path) != record.get("weights_sha256"):
-        raise UserError(f"{weights_path} is missing or does not match the checksum in {WEIGHTS_DIR_JSON}; export "
-                        f"the model again")
+    if not os.path.lexists(weights_path):
+        raise UserError(f"{path} has no {WEIGHTS_FILE} beside its {WEIGHTS_DIR_JSON}; export the model again")
+    if _file_sha256(weights_path) != record.get("weights_sha256"):
+        raise UserError(f"{weights_path} does not match the checksum in {WEIGHTS_DIR_JSON}: it is damaged or "
+                        f"was changed; export the model again")
     try:
         weights = load_file(str(weights_path))
     except (OSError, SafetensorError) as exc:
         raise UserError(f"{weights_path} is unreadable ({str(exc).splitlines()[0]})") from None
     config = record.get("config")
-    if isinstance(config, dict) and (config.get("model") or {}).get("tie_embeddings", True):
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or model.get("tie_embeddings", True) is True:
         for a, b in (("lm_head.weight", "tok_emb.weight"), ("tok_emb.weight", "lm_head.weight")):
             if a not in weights and b in weights:
                 weights[a] = weights[b]  # the tied matrix is stored once
     payload = {"config": config, "tokenizer": record.get("tokenizer"), "model": weights,
                "data": record.get("data"), "progress": record.get("progress")}
-    return _parse(payload, path)
+    return _parse(payload, path, strict=True)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """fundamentallm.json: UTF-8 JSON of bounded size and depth, with the export's marker."""
+    data = read_regular(path, MAX_RECORD_BYTES, hint="export the model again")
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        record = None  # nested past what json can read: far past the cap below
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path} is not valid UTF-8 JSON ({str(exc)[:200]}); export the model again") from None
+    if record is None or _depth(record, MAX_RECORD_DEPTH) > MAX_RECORD_DEPTH:
+        raise UserError(f"{path} is refused: its values are nested deeper than {MAX_RECORD_DEPTH} levels, which "
+                        f"no export writes; export the model again")
+    if not isinstance(record, dict) or record.get("format") != WEIGHTS_DIR_FORMAT:
+        raise UserError(f"{path} is not a FundamentaLLM export (no '{WEIGHTS_DIR_FORMAT}' marker)")
+    return record
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deeply lists and objects nest in `value`, counted up to just past `limit`."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in children), default=0)
+
+
+def _directory_hint(path: Path) -> str:
+    """What to give instead of directory `path`, naming only files that are there."""
+    candidates = sorted(p.name for p in path.glob("*.pt") if is_regular(p))
+    if candidates:
+        return (f"{path} is a directory; give a checkpoint file in it, such as {path / candidates[-1]} (it holds "
+                f"{', '.join(candidates[:6])})")
+    if (path / "config.json").exists() or (path / "model.onnx").exists():
+        return (f"{path} is a transformers or ONNX export, which other programs read; FundamentaLLM reads a .pt "
+                f"checkpoint or a directory written by export --format safetensors")
+    return (f"{path} is a directory without a checkpoint; give a .pt checkpoint or a directory written by export "
+            f"--format safetensors")
 
 
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, hint="export the model again") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -242,19 +285,20 @@ class _Malformed(Exception):
     """An entry of the wrong type or shape; the message names it."""
 
 
-def _parse(payload: dict[str, Any], path: Path) -> Checkpoint:
-    """The typed checkpoint, checking every entry against the types of the dataclasses above."""
+def _parse(payload: dict[str, Any], path: Path, strict: bool = False) -> Checkpoint:
+    """The typed checkpoint, checking every entry against the types of the dataclasses above (with `strict`, the
+    config's too: no "32" for 32 or "true" for true, as JSON written by hand might have)."""
     try:
-        return _parse_fields(payload, path)
+        return _parse_fields(payload, path, strict)
     except _Malformed as exc:
         raise UserError(f"{path} is damaged: its entries do not have the structure FundamentaLLM writes "
                         f"({exc})") from None
 
 
-def _parse_fields(payload: dict[str, Any], path: Path) -> Checkpoint:
+def _parse_fields(payload: dict[str, Any], path: Path, strict: bool) -> Checkpoint:
     if not isinstance(payload["config"], dict):
         raise _Malformed("config")
-    config = config_from_dict(payload["config"], f"checkpoint {path}")
+    config = config_from_dict(payload["config"], f"checkpoint {path}", strict=strict)
     try:
         tokenizer = tokenizer_from_dict(payload["tokenizer"])
     except (ValueError, TypeError, AttributeError) as exc:
@@ -285,8 +329,11 @@ def _check_weights(weights: Any, shape: GPT) -> dict[str, torch.Tensor]:
         wrong = sorted(set(found.items()) ^ set(expected.items()), key=str)[:2]
         raise _Malformed(f"the weights do not match the model its config describes, e.g. {wrong}")
     for name, t in weights.items():
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise _Malformed(f"weights {name} are not finite floating-point numbers (NaN or inf)")
+        if not t.is_floating_point():
+            kind = "booleans" if t.dtype == torch.bool else f"integers ({t.dtype})"
+            raise _Malformed(f"weights {name} are {kind}, not floating-point numbers")
+        if not torch.isfinite(t).all():
+            raise _Malformed(f"weights {name} hold NaN or infinite values")
     return weights
 
 
@@ -413,6 +460,8 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> LoadedMo
 
 def recorded_step(path: Path) -> int | None:
     """The step a checkpoint was saved at, read cheaply (memory-mapped, no checksum); None if unreadable."""
+    if not is_regular(path):  # opening a FIFO would block
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

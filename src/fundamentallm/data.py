@@ -33,7 +33,7 @@ import torch
 from fundamentallm.config import Config
 from fundamentallm.console import Progress, warn
 from fundamentallm.errors import TrainingFailed, UserError
-from fundamentallm.files import atomic_write, atomic_write_bytes, remove_stale_temporaries
+from fundamentallm.files import atomic_write, atomic_write_bytes, open_regular, remove_stale_temporaries
 from fundamentallm.records import (
     DATA_SUFFIXES,
     TEXT,
@@ -231,7 +231,7 @@ def _fingerprint(files: list[Path], val_files: list[Path], validation_split: flo
         # Kind and size frame each file, so that no two different file lists can feed the same byte stream.
         digest.update(f"\x00file\x00{_file_kind(path)}\x00{size}\x00".encode())
         try:
-            with open(path, "rb") as f:
+            with open_regular(path, "data file") as f:
                 while block := f.read(CHUNK_BYTES):
                     digest.update(block)
                     if bar is not None:

@@ -30,29 +30,10 @@ TEMP_PREFIX = ".fundamentallm-tmp-"  # distinct enough that cleaning up never to
 
 
 def read_small_text(path: Path, option: str, max_bytes: int, hint: str) -> str:
-    """The text of a small input file (a config, a template): a regular file of at most `max_bytes` of UTF-8.
-    Opened without blocking and checked with fstat, so a FIFO, a device (/dev/zero) or a directory is refused
-    instead of read forever. Every problem is one UserError naming `option` and the file; `hint` says what to
-    give instead."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except PermissionError:
-        raise UserError(f"cannot read {option} {path}: permission denied") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {option} {path}: {exc.strerror or exc}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise UserError(f"{option} {path} is a directory; {hint}")
-        raise UserError(f"{option} {path} is not a regular file (a device, pipe or socket); {hint}")
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(max_bytes + 1)
-        except OSError as exc:
-            raise UserError(f"cannot read {option} {path}: {exc.strerror or exc}") from None
-    if len(data) > max_bytes:
-        raise UserError(f"{option} {path} is larger than {max_bytes >> 20} MiB; {hint}")
+    """The text of a small input file (a config, a template): a regular file of at most `max_bytes` of UTF-8
+    (read_regular: a FIFO, a device such as /dev/zero or a directory is refused instead of read forever). Every
+    problem is one UserError naming `option` and the file; `hint` says what to give instead."""
+    data = read_regular(path, max_bytes, option, hint)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -184,6 +165,65 @@ def why_unwritable(directory: Path) -> str | None:
         if os.statvfs(directory).f_flag & os.ST_RDONLY:
             return "read-only file system"
     return None if os.access(directory, os.W_OK) else "permission denied"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading: regular files only
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, in words ("a named pipe (FIFO)"); "a regular file" for one."""
+    return next((kind for test, kind in _KINDS if test(mode)), "a regular file" if stat.S_ISREG(mode) else
+                "not a regular file")
+
+
+def is_regular(path: Path) -> bool:
+    """Whether `path` (followed if a link) is a regular file: a stat, which never blocks, unlike opening it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def open_regular(path: Path | str, what: str = "", hint: str = "") -> BinaryIO:
+    """`path` opened for reading in binary, or a UserError when it is missing, unreadable or anything but a regular
+    file. The open never blocks (O_NONBLOCK: opening a FIFO without a writer would wait forever) and the type is
+    checked on the open file (fstat), so nothing swapped in between is read. `what` names the file in the message
+    ("checkpoint", "--config"); `hint` is appended to it (the fix)."""
+    name = f"{what} {path}" if what else str(path)
+    fix = f"; {hint}" if hint else ""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise UserError(f"{name} does not exist{fix}") from None
+    except PermissionError:
+        raise UserError(f"cannot read {name}: permission denied") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise UserError(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}{fix}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UserError(f"{name} is {file_kind(mode)}, not a regular file{fix}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path | str, max_bytes: int, what: str = "", hint: str = "") -> bytes:
+    """The bytes of a regular file (see open_regular) of at most `max_bytes`; a larger one is refused unread."""
+    with open_regular(path, what, hint) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise UserError(f"cannot read {what + ' ' if what else ''}{path}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        size = f"{max_bytes >> 20} MiB" if max_bytes >= 1 << 20 else f"{max_bytes:,} bytes"
+        raise UserError(f"{what + ' ' if what else ''}{path} is larger than {size}, more than such a file ever "
+                        f"holds; {hint or 'is this the right file?'}")
+    return data
 
 
 def _read_umask() -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from fundamentallm.console import warn
 from fundamentallm.errors import TrainingFailed
-from fundamentallm.files import atomic_write_bytes, disk_full
+from fundamentallm.files import atomic_write_bytes, disk_full, open_regular
 from fundamentallm.runfiles import METRICS, TENSORBOARD
 
 
@@ -154,7 +154,7 @@ def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
     reader that looks at a file another reader of the same command reports on)."""
     path = Path(run_dir) / METRICS
     records, damaged = [], []
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO in its place would block forever
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue

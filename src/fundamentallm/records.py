@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fundamentallm.errors import UserError
+from fundamentallm.files import open_regular
 
 TEXT, JSONL, CSV, PARQUET = "text", "jsonl", "csv", "parquet"
 COMPRESSIONS = (".gz", ".xz", ".zst")
@@ -58,6 +59,10 @@ def file_format(path: Path) -> str:
 def open_binary(path: Path) -> BinaryIO:
     """The file's bytes, decompressed when its name ends in .gz, .xz or .zst."""
     kind = compression(path)
+    raw = open_regular(path, "data file")  # a FIFO or a device would block, or never end
+    if kind == "none":
+        return raw
+    raw.close()  # the decompressors open the file by name: it was a regular file a moment ago
     try:
         if kind == "gz":
             return gzip.open(path, "rb")  # type: ignore[return-value]

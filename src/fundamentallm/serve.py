@@ -398,8 +398,8 @@ def run_server(checkpoint: Path, host: str, port: int, api_key: str | None, slot
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty; give a key, or leave the option (and FUNDAMENTALLM_API_KEY) out")
     template = load_chat_template(chat_template)
+    loaded = load_model(checkpoint, select_device(device))  # a bad checkpoint fails before the port is taken
     sock = _bind(host, port)
-    loaded = load_model(checkpoint, select_device(device))
     served = Served(str(checkpoint), Engine(loaded.model, loaded.tokenizer, slots), api_key, template)
     shown_host, shown_port = sock.getsockname()[:2]
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host

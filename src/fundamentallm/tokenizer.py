@@ -177,9 +177,13 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
-        if data.get("type") != "char" or not isinstance(data.get("chars"), str):
+        chars, has_unknown = data.get("chars"), data.get("has_unknown", False)
+        if data.get("type") != "char" or not isinstance(chars, str) or not isinstance(has_unknown, bool):
             raise ValueError("not a character tokenizer")
-        return cls(list(data["chars"]), has_unknown=bool(data.get("has_unknown", False)))
+        surrogate = next((c for c in chars if "\ud800" <= c <= "\udfff"), None)
+        if surrogate is not None:  # half of a UTF-16 pair: no text holds it, and it cannot be written as UTF-8
+            raise ValueError(f"its vocabulary holds a lone surrogate (U+{ord(surrogate):04X}), not a character")
+        return cls(list(chars), has_unknown=has_unknown)
 
 
 class ByteTokenizer(Tokenizer):
