@@ -6,11 +6,13 @@ after it started); anything else is reported as an internal error. --debug shows
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -130,6 +132,18 @@ def _strict_option() -> Any:
     return click.option("--strict", is_flag=True,
                         help="Refuse text with characters the model never saw, instead of treating them as its "
                              "unknown token.")
+
+
+def _stdout_is_data(command: Callable[..., Any]) -> Callable[..., Any]:
+    """For a command whose stdout is data (JSON, generated text): its progress and reports go to stderr."""
+    @functools.wraps(command)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        from fundamentallm.console import stdout_carries_data
+
+        with stdout_carries_data():
+            return command(*args, **kwargs)
+
+    return wrapped
 
 
 def _output_dir_option(default: str, help: str) -> Any:
@@ -352,6 +366,7 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
 @_strict_option()
 @_device_option()
 @_threads_option()
+@_stdout_is_data
 def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature: float, top_k: int,
              top_p: float, seed: int | None, num_samples: int, strict: bool, device: str) -> None:
     """Generate text from a checkpoint, streaming it as it is produced."""
@@ -428,6 +443,7 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
               help="Count and skip records of DATA that give no text instead of stopping at the first.")
 @_device_option()
 @_threads_option()
+@_stdout_is_data
 def evaluate(checkpoint: Path, data: tuple[str, ...], as_json: bool, batch_size: int, stride: int | None,
              training_precision: bool, strict: bool, text_field: str | None, skip_bad_records: bool,
              device: str) -> None:
@@ -581,6 +597,7 @@ def plot(run_dirs: tuple[Path, ...], output: Path | None) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_stdout_is_data
 def status(run_dir: Path, as_json: bool) -> None:
     """Where a run stands: epoch, step, last losses, speed, ETA, and whether it is still running."""
     from fundamentallm.status import format_status, run_status

@@ -4,18 +4,27 @@ Reports (headers, per-epoch metrics, final bar lines) go to stdout so that `| te
 warnings and errors go to stderr. The live progress bar is drawn on stderr only when stderr is a terminal; when it
 is not (a log file, CI), progress is written as plain lines to stdout now and then, so a log never fills with
 carriage returns. Under torchrun only rank 0 speaks.
+
+A command whose stdout carries data (`evaluate`, `status --json`, the text of `generate`) runs inside
+`stdout_carries_data()`: then reports and progress lines go to stderr too, and stdout holds the data alone, so a
+script can parse it however long the work takes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
 
 _quiet = False  # set on non-zero ranks
+_data_on_stdout = False  # inside stdout_carries_data()
+# Test hook: seconds between plain progress lines (default 30), so that a test sees them on a small input.
+_PROGRESS_SECONDS_ENV = "FUNDAMENTALLM_TEST_PROGRESS_SECONDS"
 
 
 def set_quiet(quiet: bool) -> None:
@@ -27,9 +36,24 @@ def is_quiet() -> bool:
     return _quiet
 
 
+@contextlib.contextmanager
+def stdout_carries_data() -> Iterator[None]:
+    """While the block runs, everything but the command's data goes to stderr (see the module's docstring)."""
+    global _data_on_stdout
+    before, _data_on_stdout = _data_on_stdout, True
+    try:
+        yield
+    finally:
+        _data_on_stdout = before
+
+
+def _report_stream() -> Any:
+    return sys.stderr if _data_on_stdout else sys.stdout
+
+
 def info(message: str = "") -> None:
     if not _quiet:
-        print(message, flush=True)
+        print(message, file=_report_stream(), flush=True)
 
 
 def warn(message: str) -> None:
@@ -65,7 +89,7 @@ class Progress:
         self.postfix: dict[str, Any] = {}
         self.start = time.perf_counter()
         self._last_line = self.start
-        self._log_every = log_every_seconds
+        self._log_every = float(os.environ.get(_PROGRESS_SECONDS_ENV) or log_every_seconds)
         self._bar: tqdm | None = None
         if not _quiet and _stderr_is_terminal():
             self._bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False,
@@ -83,7 +107,7 @@ class Progress:
             self._bar.update(n)
         elif not _quiet and time.perf_counter() - self._last_line >= self._log_every and self.n < self.total:
             self._last_line = time.perf_counter()
-            print(self.line(), flush=True)
+            print(self.line(), file=_report_stream(), flush=True)
 
     def set_postfix(self, values: dict[str, Any] | None = None, **more: Any) -> None:
         values = {**(values or {}), **more}
@@ -98,12 +122,12 @@ class Progress:
                                  initial=self.initial, bar_format=self.bar_format)
 
     def close(self, final_line: bool = True) -> None:
-        """Remove the live bar and, if asked, leave one permanent line on stdout."""
+        """Remove the live bar and, if asked, leave one permanent line on stdout (stderr when it carries data)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if final_line and not _quiet:
-            print(self.line(), flush=True)
+            print(self.line(), file=_report_stream(), flush=True)
 
     def __enter__(self) -> Progress:
         return self

@@ -12,6 +12,7 @@ eval record's "bits_per_char" is per character of the validation text, comparabl
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import time
@@ -154,6 +155,8 @@ def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
     reader that looks at a file another reader of the same command reports on)."""
     path = Path(run_dir) / METRICS
     records, damaged = [], []
+    if not path.exists():  # callers that poll a starting run wait for this
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
     with open_regular(path) as f:  # a FIFO in its place would block forever
         for number, raw in enumerate(f, start=1):
             if not raw.strip():

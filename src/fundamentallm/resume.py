@@ -22,7 +22,7 @@ from fundamentallm.config import Config
 from fundamentallm.console import warn
 from fundamentallm.errors import UserError
 from fundamentallm.metrics import read_metrics
-from fundamentallm.runfiles import FINAL, METRICS, RUN_FILES, periodic_checkpoints, resumable_files
+from fundamentallm.runfiles import FINAL, METRICS, RUN_FILES, live_holder, periodic_checkpoints, resumable_files
 
 if TYPE_CHECKING:  # types only: this module is below run.py
     from fundamentallm.data import BatchSampler, TokenData
@@ -82,6 +82,10 @@ def last_end(run_dir: Path) -> dict[str, Any] | None:
 def refuse_run_dir(directory: Path, what: str) -> None:
     """A sweep keeps one directory per run inside its own: a directory that is itself a training run is refused,
     live or finished, so that the two never mix."""
+    holder = live_holder(directory)
+    if holder is not None:
+        raise UserError(f"{directory} is in use by a running FundamentaLLM process ({holder}); wait for it to "
+                        f"finish or stop it first, or choose another -o/--output-dir")
     state = inspect_run_dir(directory)
     if state.kind != "empty":
         raise UserError(f"{directory} holds a training run ({state.kind}); {what} writes one directory per run "

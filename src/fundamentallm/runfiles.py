@@ -11,13 +11,14 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from fundamentallm.errors import UserError
-from fundamentallm.files import remove_stale_temporaries, why_unwritable
+from fundamentallm.files import file_kind, remove_stale_temporaries, why_unwritable
 
 CONFIG = "config.yaml"  # the resolved configuration
 METRICS = "metrics.jsonl"  # one JSON record per log interval and evaluation
@@ -139,10 +140,7 @@ def _acquire(directory: Path) -> int:
         raise UserError(f"cannot write to {directory}: {exc.strerror}; choose another -o/--output-dir") from None
     path = directory / LOCK
     for attempt in range(40):  # `status` takes the lock for a moment to look: wait that out
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UserError(f"cannot write to {directory}: {exc.strerror}; choose another -o/--output-dir") from None
+        fd = _open_lock(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -154,12 +152,32 @@ def _acquire(directory: Path) -> int:
             time.sleep(0.05)
             continue
         # The holder before us removes the file when it lets go: a lock on a file no longer at `path` holds nothing.
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+        if os.path.lexists(path) and os.lstat(path).st_ino == os.fstat(fd).st_ino:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()}: {shlex.join(sys.argv)}\n".encode())
             return fd
         os.close(fd)
     raise UserError(f"could not lock {directory}; try again")
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """The lock file opened with `flags`: never through a symbolic link (whose target the pid would overwrite),
+    never blocking, and only a regular file (a FIFO or a device in its place is refused by name)."""
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fix = "remove it (it is not FundamentaLLM's) or choose another -o/--output-dir"
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):  # O_NOFOLLOW's ELOOP
+            raise UserError(f"{path} is a symbolic link, not the lock file FundamentaLLM writes; {fix}") from None
+        if isinstance(exc, IsADirectoryError):
+            raise UserError(f"{path} is a directory, not the lock file FundamentaLLM writes; {fix}") from None
+        raise UserError(f"cannot write to {path.parent}: {exc.strerror}; choose another -o/--output-dir") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UserError(f"{path} is {file_kind(mode)}, not the lock file FundamentaLLM writes; {fix}")
+    return fd
 
 
 def _release(directory: Path, fd: int) -> None:
@@ -177,8 +195,8 @@ def _holder(fd: int) -> str:
 def live_holder(directory: Path) -> str | None:
     """'pid N: command' of the live process holding `directory`, or None when no process holds it."""
     try:
-        fd = os.open(Path(directory) / LOCK, os.O_RDONLY)
-    except OSError:
+        fd = _open_lock(Path(directory) / LOCK, os.O_RDONLY)
+    except UserError:  # absent, or not a lock of ours: nobody holds the directory through it
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
