@@ -449,10 +449,11 @@ def resolve_config(
         raise UserError(_format_validation_error(exc, sources, tree)) from None
 
 
-def config_from_dict(data: dict[str, Any], origin: str) -> Config:
-    """Rebuild a Config stored in a checkpoint or a run directory."""
+def config_from_dict(data: dict[str, Any], origin: str, strict: bool = False) -> Config:
+    """Rebuild a Config stored in a checkpoint or a run directory; `strict` takes no value of another type ("32"
+    for 32, "true" for true), for files that nothing but FundamentaLLM should have written."""
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, strict=strict)
     except ValidationError as exc:
         raise UserError(f"{origin}: " + _format_validation_error(exc, {}, data)) from None
 
