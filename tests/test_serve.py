@@ -165,6 +165,7 @@ def test_api_key_is_required(server: Server) -> None:
     ({"prompt": "A", "max_tokens": 0}, 400, "max_tokens", "echo"),
     ({"prompt": "A", "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
     ({"prompt": [5, 100_000]}, 400, "prompt", "token ids"),
+    ({"prompt": "A" * 70_000, "echo": True, "logprobs": 0, "max_tokens": 0}, 400, "prompt", "at most 65,536"),
     ({"prompt": "A", "temperature": -1}, 400, "temperature", "greater than"),
     ({"prompt": "A", "temperature": "hot"}, 400, "temperature", "number"),
     ({"prompt": "A", "top_p": 0}, 400, "top_p", "greater than"),

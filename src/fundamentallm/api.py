@@ -18,6 +18,7 @@ MAX_TOKENS = 4096  # per choice; generation slides its window, so this bounds ti
 MAX_CHOICES = 16  # prompts x n in one request
 MAX_STOPS = 4
 MAX_STOP_CHARS = 1000  # all of a request's stop sequences together (matching costs their length, once)
+MAX_ECHO_TOKENS = 65_536  # prompt tokens scored per request: each costs an entry of the answer (~100 bytes)
 MAX_LOGPROBS = 5  # the most likely alternatives reported per token, as OpenAI's completions API allows
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 UNSUPPORTED = {  # OpenAI parameters this server does not implement, and the values that mean "not used"

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from fundamentallm.api import (
+    MAX_ECHO_TOKENS,
     MAX_TOKENS,
     ApiError,
     ChatRequest,
@@ -304,6 +305,10 @@ def _tokenizer_routes(app: FastAPI, served: Served) -> None:
 async def _completions(served: Served, request: Request, params: CompletionRequest) -> Any:
     params, given = check_completion(params), params.prompts()
     prompts = [prompt_ids(served, prompt, not params.echo) for prompt in given]
+    if params.echo and params.logprobs is not None and sum(map(len, prompts)) > MAX_ECHO_TOKENS:
+        raise ApiError(400, f"echo with logprobs scores at most {MAX_ECHO_TOKENS:,} prompt tokens per request; "
+                            f"these prompts hold {sum(map(len, prompts)):,}: split them over several requests",
+                       param="prompt")
     texts = [""] * len(given)
     if params.echo:
         texts = [p if isinstance(p, str) else served.engine.tokenizer.decode(p) for p in given]
