@@ -288,8 +288,8 @@ def test_metrics_jsonl_is_valid_json_with_every_field_and_tensorboard(corpus: Pa
     assert [r["step"] for r in trains] == [20, 40, 60, 80, 100, 120, 140, 141, 160, 180, 200, 220, 240, 260, 280,
                                           282]
     for r in trains:
-        assert set(r) == {"kind", "step", "epoch", "train_loss", "lr", "grad_norm", "tokens_per_sec", "elapsed",
-                          "time"}
+        assert set(r) == {"kind", "step", "epoch", "total_steps", "train_loss", "lr", "grad_norm", "tokens_per_sec",
+                          "elapsed", "time"}
         assert r["lr"] > 0 and r["grad_norm"] > 0 and r["tokens_per_sec"] > 0 and math.isfinite(r["train_loss"])
     assert [r["step"] for r in evals] == [141, 282] and [r["epoch"] for r in evals] == [1, 2]
     for r in evals:
