@@ -2,7 +2,9 @@
 
 Starts `fundamentallm serve CHECKPOINT` on a free loopback port and runs the harness's `local-completions` model
 against it (its remote tokenizer reads the server's /tokenize and /tokenizer_info, so no Hugging Face tokenizer
-is involved) on a loglikelihood task built from TEXT in a temporary task directory: the text is cut into the
+is involved) on two tasks built from TEXT in a temporary task directory. A perplexity task
+(loglikelihood_rolling, the text as one document, started from the boundary token /tokenizer_info declares) gives
+the harness's bits per byte. A loglikelihood task gives totals to set beside evaluate's: the text is cut into the
 windows `evaluate` scores (context + 1 characters, one every context characters), each document's context is its
 first character (or, when that is whitespace, which the harness moves into the continuation, up to its first
 other character) and its continuation the rest. Nothing is downloaded (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE).
@@ -31,6 +33,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TASK = "fundamentallm_local_text"
+ROLLING = "fundamentallm_local_text_rolling"
 
 
 def start_server(checkpoint: Path, log: Path) -> tuple[subprocess.Popen, str]:
@@ -65,9 +68,27 @@ def documents(text: str, context: int) -> list[dict[str, str]]:
     return docs
 
 
-def write_task(directory: Path, docs: list[dict[str, str]]) -> None:
+def write_tasks(directory: Path, docs: list[dict[str, str]], text: str) -> None:
+    """The loglikelihood task over the windows, and a perplexity task (loglikelihood_rolling) over the whole
+    text as one document."""
     data = directory / "docs.jsonl"
     data.write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
+    whole = directory / "whole.jsonl"
+    whole.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    (directory / f"{ROLLING}.yaml").write_text(f"""task: {ROLLING}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {whole}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""", encoding="utf-8")
     (directory / f"{TASK}.yaml").write_text(f"""task: {TASK}
 dataset_path: json
 dataset_kwargs:
@@ -88,8 +109,9 @@ metric_list:
 """, encoding="utf-8")
 
 
-def run_harness(url: str, context: int, task_dir: Path) -> tuple[float, dict]:
-    """The summed log-likelihood of every document's continuation, and the harness's own metrics."""
+def run_harness(url: str, context: int, task_dir: Path) -> tuple[float, dict, dict]:
+    """The summed log-likelihood of every document's continuation, and the harness's own metrics of both
+    tasks."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -98,9 +120,10 @@ def run_harness(url: str, context: int, task_dir: Path) -> tuple[float, dict]:
         model_args={"base_url": f"{url}/v1/completions", "model": "m", "tokenizer_backend": "remote",
                     "tokenized_requests": True, "max_length": context + 2, "num_concurrent": 1,
                     "max_retries": 1},
-        tasks=[TASK], task_manager=TaskManager(include_path=str(task_dir)), log_samples=True, bootstrap_iters=0)
+        tasks=[TASK, ROLLING], task_manager=TaskManager(include_path=str(task_dir)), log_samples=True,
+        bootstrap_iters=0)
     total = sum(sample["filtered_resps"][0][0] for sample in results["samples"][TASK])
-    return total, results["results"][TASK]
+    return total, results["results"][TASK], results["results"][ROLLING]
 
 
 def main() -> None:
@@ -119,9 +142,9 @@ def main() -> None:
                 context = json.load(response)["model_max_length"]
             text = args.text.read_text(encoding="utf-8")[: args.docs * context + 1]
             docs = documents(text, context)
-            write_task(tmp_dir, docs)
+            write_tasks(tmp_dir, docs, text)
             started = time.perf_counter()
-            harness_ll, metrics = run_harness(url, context, tmp_dir)
+            harness_ll, metrics, rolling = run_harness(url, context, tmp_dir)
             harness_seconds = time.perf_counter() - started
         finally:
             proc.terminate()
@@ -139,11 +162,17 @@ def main() -> None:
                                ("fundamentallm evaluate", evaluated["predictions"], nats)):
         print(f"{name:<34}{count:>12,}{total:>14.3f}{total / count:>17.4f}{total / count / math.log(2):>17.4f}")
     harness_metrics = {k: v for k, v in metrics.items() if k != "alias"}
-    print(f"the harness's own metrics (per document): {json.dumps(harness_metrics)}; {harness_seconds:.1f} s")
+    print(f"the harness's own metrics (per document): {json.dumps(harness_metrics)}")
+    rolling_metrics = {k: v for k, v in rolling.items() if k != "alias"}
+    text_bytes = len(text.encode("utf-8"))
+    print(f"perplexity task (loglikelihood_rolling, the text as one document): bits_per_byte "
+          f"{rolling_metrics['bits_per_byte,none']:.4f}, byte_perplexity {rolling_metrics['byte_perplexity,none']:.4f}"
+          f"; evaluate: {nats / math.log(2) / text_bytes:.4f} bits per byte "
+          f"({text_bytes:,} bytes); both tasks took the harness {harness_seconds:.1f} s")
     args.output.write_text(json.dumps({
         "checkpoint": str(args.checkpoint), "text": str(args.text), "characters": len(text), "windows": len(docs),
         "harness": {"predictions": predicted, "nats": -harness_ll, "metrics": harness_metrics,
-                    "seconds": harness_seconds},
+                    "rolling_metrics": rolling_metrics, "seconds": harness_seconds},
         "evaluate": {"predictions": evaluated["predictions"], "nats": nats,
                      "loss_per_token": evaluated["loss_per_token"], "bits_per_char": evaluated["bits_per_char"]},
     }, indent=2) + "\n")

@@ -470,6 +470,9 @@ def test_chat_with_a_template_file(checkpoint: Path, tmp_path: Path) -> None:
                 {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Alice"}])
         status, info = request(server.port, "GET", "/tokenizer_info")
         assert status == 200 and info["chat_template"] == template.read_text()
+        # The boundary token (begin and end of text, for lm-eval's rolling log-likelihood): the unknown token.
+        assert info["bos_token"] == info["eos_token"] == "\ufffd"
+        assert request(server.port, "POST", "/tokenize", {"prompt": "\ufffd"})[1]["tokens"] == [info["vocab_size"] - 1]
     finally:
         server.stop()
 
@@ -522,6 +525,7 @@ def test_logprobs_of_a_byte_model_on_accented_and_cyrillic_text(tmp_path: Path) 
         assert "bytes:\\xd0" in logprobs.tokens and logprobs.text_offset[-1] == len(scored) - 1
         nats = evaluation["loss_per_token"] * evaluation["predictions"]
         assert abs(-sum(logprobs.token_logprobs[1:]) - nats) <= 1e-3 * nats
+        assert request(server.port, "GET", "/tokenizer_info")[1]["bos_token"] == "\x00"  # byte 0: the boundary
 
         plain = client.completions.create(model="m", prompt="Привет", max_tokens=40, seed=1, logprobs=2)
         choice = plain.choices[0]

@@ -297,9 +297,11 @@ def _tokenizer_routes(app: FastAPI, served: Served) -> None:
     async def tokenizer_info(request: Request) -> dict[str, Any]:
         _check_key(served, request.headers.get("authorization"))
         tokenizer = served.engine.tokenizer
+        # No token of its own begins or ends a text: the boundary token stands for both, as in an export.
+        boundary = None if tokenizer.boundary_id is None else tokenizer.decode([tokenizer.boundary_id])
         return {"tokenizer_class": f"fundamentallm {tokenizer.kind}", "vocab_size": tokenizer.vocab_size,
-                "model_max_length": served.engine.model.context_length, "bos_token": None, "eos_token": None,
-                "pad_token": None, "chat_template": served.chat_template.source}
+                "model_max_length": served.engine.model.context_length, "bos_token": boundary,
+                "eos_token": boundary, "pad_token": boundary, "chat_template": served.chat_template.source}
 
 
 async def _completions(served: Served, request: Request, params: CompletionRequest) -> Any:

@@ -73,6 +73,14 @@ class Tokenizer:
         raise NotImplementedError
 
     @property
+    def boundary_id(self) -> int | None:
+        """The token declared as beginning and end of text to tools that need one (lm-evaluation-harness starts
+        a rolling log-likelihood from it), as `export` declares it: our models have no such token, so it is one
+        that ordinary text does not need. Byte and BPE models: byte 0 (NUL); char models: the unknown token."""
+        ids = self.encode_array("\x00")
+        return int(ids[0]) if len(ids) == 1 else None
+
+    @property
     def dtype(self) -> np.dtype:
         return smallest_dtype(self.vocab_size)
 
@@ -145,6 +153,10 @@ class CharTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self.chars) + (1 if self.has_unknown else 0)
+
+    @property
+    def boundary_id(self) -> int | None:
+        return self.unknown_id if self.has_unknown else None  # a model from before the unknown token: none
 
     def _lookup(self, dtype: np.dtype) -> np.ndarray:
         if dtype not in self._luts:
