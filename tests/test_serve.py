@@ -453,6 +453,10 @@ def test_chat_with_the_plain_template(client: openai.OpenAI) -> None:
     with_logprobs = chat(client, "Alice", max_tokens=30, seed=4, logprobs=True, top_logprobs=2)[0]
     assert "".join(t.token for t in with_logprobs.logprobs.content) == first.message.content
     assert all(len(t.top_logprobs) == 2 for t in with_logprobs.logprobs.content)
+    streamed = [entry for chunk in client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Alice"}], max_tokens=30, seed=4, stream=True,
+        logprobs=True, top_logprobs=2) if chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in with_logprobs.logprobs.content]
 
 
 def test_chat_with_a_template_file(checkpoint: Path, tmp_path: Path) -> None:
