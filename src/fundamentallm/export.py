@@ -21,8 +21,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import os
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,9 +33,10 @@ from torch import nn
 from fundamentallm.checkpoint import LoadedModel, load_model, write_weights_dir
 from fundamentallm.config import ModelConfig
 from fundamentallm.errors import UserError
-from fundamentallm.files import FILE_MODE
+from fundamentallm.files import publish_dir
 from fundamentallm.model import GPT
 from fundamentallm.modelcard import model_card
+from fundamentallm.runfiles import check_export_dir
 from fundamentallm.tokenizer import UNKNOWN, byte_of_symbol
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
@@ -51,16 +50,12 @@ def export(checkpoint: Path, out: Path, fmt: str, overwrite: bool = False) -> li
     """Write the model in `checkpoint` (a .pt file or a --format safetensors directory) to directory `out`."""
     writer = {"hf": _write_hf, "safetensors": _write_safetensors, "onnx": _write_onnx}[fmt]
     require(*_NEEDS[fmt], what=f"--format {fmt}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o {out} is a file; give a directory to export into")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"-o {out} is not empty; choose a new directory or add --overwrite to replace it")
+    out = check_export_dir(out, checkpoint, overwrite)
     loaded = load_model(checkpoint, "cpu")
     if fmt == "hf":
         hf_architecture(loaded.config.model)  # refuse an unmappable model before touching the disk
         writer = functools.partial(_write_hf, name=out.name)  # the model card names the directory
-    _publish(out, lambda tmp: writer(loaded, tmp))
+    publish_dir(out, lambda tmp: writer(loaded, tmp))
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
@@ -69,26 +64,6 @@ def require(*modules: str, what: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"{what} needs {', '.join(missing)}: pip install 'fundamentallm[export]'")
-
-
-def _publish(out: Path, write: Callable[[Path], None]) -> None:
-    """Fill a hidden sibling directory, then swap it in: `out` is either the old export or the whole new one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                p.chmod(FILE_MODE)  # some writers create 0600 files; give them the permissions open() would
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,10 +12,12 @@ import errno
 import fnmatch
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -100,14 +102,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         _fsync_directory(directory)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        failure = _write_failure(exc, path)
+        failure = write_failure(exc, path)
         if failure is exc:
             raise
         raise failure from None
 
 
-def _write_failure(exc: BaseException, path: Path) -> BaseException:
-    """The error to raise when writing `path` ended with `exc`: `exc` itself unless it is the file system's."""
+def write_failure(exc: BaseException, path: Path) -> BaseException:
+    """The error to raise when writing `path` ended with `exc`: `exc` itself unless it is the file system's
+    (libraries written in Rust, such as safetensors, report a full disk as their own error, naming os error 28)."""
     chain = [exc]
     while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
@@ -117,6 +120,8 @@ def _write_failure(exc: BaseException, path: Path) -> BaseException:
     if isinstance(exc, UserError):  # e.g. unreadable input while writing the token cache
         return exc
     os_error = next((e for e in chain if isinstance(e, OSError)), None)
+    if os_error is None and any("os error 28" in str(e) or "StorageFull" in str(e) for e in chain):
+        os_error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if os_error is not None:
         if os_error.errno == errno.EROFS:
             return UserError(f"cannot write {path}: read-only file system")
@@ -261,3 +266,84 @@ def remove_stale_temporaries(directory: Path, idle_seconds: float = 0) -> None:
         with contextlib.suppress(OSError):
             if time.time() - tmp.stat().st_mtime >= idle_seconds:
                 tmp.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole directories (exports)
+
+
+def publish_dir(out: Path, write: Callable[[Path], None]) -> None:
+    """Fill a hidden sibling of directory `out` with `write(tmp)`, then swap it in: `out` is either what it was
+    or the whole new directory. A file-system failure is one error naming `out` (as in atomic_write); SIGTERM or
+    Ctrl-C while writing removes the hidden directory before the process ends, and hidden directories left by a
+    killed process (one no longer alive) are removed the next time."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_siblings(out)
+        tmp, old = parent / f".{out.name}.export-{os.getpid()}", parent / f".{out.name}.replaced-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise write_failure(exc, out) from None
+        reason = "read-only file system" if exc.errno == errno.EROFS else \
+            "permission denied" if isinstance(exc, PermissionError) else exc.strerror
+        raise UserError(f"cannot write to {parent}: {reason}; choose another place to write (-o)") from None
+    try:
+        with _signals_interrupt():
+            write(tmp)
+            pause = float(os.environ.get(_SLOW_WRITE_ENV, "0") or 0)
+            time.sleep(pause * 4)  # test hook: a slow disk, so that a test can stop an export mid-way
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    p.chmod(FILE_MODE)  # some writers create 0600 files; give them the permissions open() would
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+            _fsync_directory(parent)
+    except BaseException as exc:
+        failure = write_failure(exc, out)
+        if failure is exc:
+            raise
+        raise failure from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_dead_siblings(out: Path) -> None:
+    for hidden in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = hidden.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("export", "replaced") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM (and SIGINT) raise KeyboardInterrupt inside the block, so that cleanup code runs; the CLI turns it
+    into "Aborted." and exit code 128 + the signal."""
+    def interrupt(signum: int, frame: object) -> None:
+        exc = KeyboardInterrupt()
+        exc.signum = signum  # type: ignore[attr-defined]
+        raise exc
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

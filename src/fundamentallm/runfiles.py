@@ -101,6 +101,40 @@ def start_output_dir(output_dir: Path, earlier_run: list[str], resume: bool) -> 
         shutil.rmtree(output_dir / TENSORBOARD, ignore_errors=True)
 
 
+def check_export_dir(out: Path, source: Path, overwrite: bool) -> Path:
+    """The directory `export -o OUT` writes, links and `.`/`..` resolved (a symlinked -o exports into the directory
+    it points to and stays a link), once nothing of the user's can be lost: refused when it is a file or lies
+    under one, when it is the current directory or one above it, when --overwrite would replace a training run
+    or the checkpoint being exported, and when its parent cannot be written. Nothing is created yet."""
+    target = Path(out).resolve()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"-o {out} is a file; give a directory to export into")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"-o {out}: {parent} is a file, not a directory; choose another -o")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents or target == target.parent:
+        raise UserError(f"-o {out} is the current directory or one above it, which an export never replaces; "
+                        f"give a directory of its own, e.g. -o exported")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise UserError(f"-o {out} is not empty; choose a new directory or add --overwrite to replace it")
+        source = Path(source).resolve()
+        if target == source or target in source.parents:
+            raise UserError(f"-o {out} holds {source.name}, the checkpoint being exported; --overwrite would delete "
+                            f"it: choose another directory")
+        run = [name for name in (*RUN_FILES, LOCK) if (target / name).exists()] + \
+            [p.name for _, p in periodic_checkpoints(target)]
+        if run:
+            raise UserError(f"-o {out} is a training run's directory ({', '.join(sorted(run)[:3])}); --overwrite "
+                            f"would delete the run: choose another directory")
+    reason = why_unwritable(parent)
+    if reason is not None:
+        raise UserError(f"cannot write to {parent}: {reason}; choose another -o")
+    return target
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One live process per run directory
 
