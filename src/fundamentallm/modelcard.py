@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shlex
 from pathlib import Path
 
 import yaml
@@ -76,16 +77,25 @@ def _tokenizer_section(checkpoint: Checkpoint, special: str) -> str:
             f"same text. {special}")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _file_rows(paths: list[str]) -> list[str]:
     rows = []
     for recorded in paths:
         path = Path(recorded)
+        name = path.name.replace("|", "\\|")  # a bar would end the table cell
         try:
-            with open(path, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            rows.append(f"| {path.name} | {path.stat().st_size:,} | `{digest}` |")
+            if not path.is_file():  # gone, or no longer a regular file (a FIFO would never end)
+                raise FileNotFoundError(path)
+            rows.append(f"| {name} | {path.stat().st_size:,} | `{_sha256(path)}` |")
         except OSError:
-            rows.append(f"| {path.name} | | (not found at export time) |")
+            rows.append(f"| {name} | | (not found at export time) |")
     return rows
 
 
@@ -116,7 +126,7 @@ def _training_section(checkpoint: Checkpoint) -> str:
     return (f"## Training\n\n{progress.step:,} optimizer steps, {progress.tokens_seen:,} tokens seen, "
             f"{duration(progress.elapsed_seconds)} of training. This command trains a model with the same "
             f"settings on the same files, with `{CONFIG}` holding the configuration below (the run's own, as "
-            f"resolved from its preset, file and flags):\n\n```\n{' '.join(command)}\n```\n\n"
+            f"resolved from its preset, file and flags):\n\n```\n{shlex.join(command)}\n```\n\n"
             f"```yaml\n{config}```")
 
 
