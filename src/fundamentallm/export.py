@@ -200,7 +200,7 @@ def _write_hf(loaded: LoadedModel, out: Path, name: str) -> None:
 
     arch = hf_architecture(loaded.config.model)
     exported = tokenizers_tokenizer(loaded.tokenizer.to_dict())
-    boundary_id = exported.tokenizer.token_to_id(exported.boundary) if exported.boundary is not None else None
+    boundary_id = loaded.tokenizer.boundary_id  # begin, end and padding: an existing token text does not need
     hf_model = transformers.AutoModelForCausalLM.from_config(_hf_config(arch, loaded.model, boundary_id),
                                                              dtype=torch.float32)
     hf_model.load_state_dict(_hf_weights(arch, loaded.model), strict=True)  # every weight accounted for
@@ -212,19 +212,18 @@ def _write_hf(loaded: LoadedModel, out: Path, name: str) -> None:
         bos_token_id=boundary_id, eos_token_id=None, pad_token_id=boundary_id)
     transformers.utils.logging.disable_progress_bar()  # a bar per file of a tiny export is noise
     hf_model.save_pretrained(out)
-    hf_tokenizer(exported, loaded.model.context_length).save_pretrained(out)
-    _write_model_card(loaded, arch, exported, out, name)
+    hf_tokenizer(exported, boundary_id, loaded.model.context_length).save_pretrained(out)
+    _write_model_card(loaded, arch, boundary_id, out, name)
 
 
-def _write_model_card(loaded: LoadedModel, arch: str, exported: ExportedTokenizer, out: Path, name: str) -> None:
-    if exported.boundary is None:
+def _write_model_card(loaded: LoadedModel, arch: str, boundary_id: int | None, out: Path, name: str) -> None:
+    if boundary_id is None:
         special = ("No beginning- or end-of-text token is declared: the model was trained before an unknown token "
                    "was reserved and has no token to spare. Tools that need one take it as an argument "
                    "(lm-eval: `prefix_token_id=0`).")
     else:
-        token_id = exported.tokenizer.token_to_id(exported.boundary)
         what = "the unknown token" if loaded.tokenizer.kind == "char" else "the NUL byte, which text never needs"
-        special = (f"Token {token_id} ({what}) is declared as the beginning- and end-of-text and padding token: "
+        special = (f"Token {boundary_id} ({what}) is declared as the beginning- and end-of-text and padding token: "
                    f"the model has no token of its own for them, and a new one would change its probabilities. "
                    f"Encoding never adds it; lm-evaluation-harness starts each text from it.")
     card = model_card(loaded.checkpoint, loaded.model, arch, name, special)
@@ -240,17 +239,12 @@ def _write_model_card(loaded: LoadedModel, arch: str, exported: ExportedTokenize
 class ExportedTokenizer:
     tokenizer: Any  # a tokenizers.Tokenizer
     unknown: str | None  # the text of the unknown token, None when there is none
-    # The token declared as beginning and end of text (bos/eos/pad), for tools that need one (lm-eval's rolling
-    # log-likelihood starts every text from it). Always an existing id that ordinary text does not need: our
-    # models have no token of their own for it, and a new id would change the softmax over the vocabulary.
-    boundary: str | None
 
 
 def _char_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
     """One token per code point, ids as in CharTokenizer: every code point is its own piece (the regex matches
     any code point, line breaks included), looked up in a word-level vocabulary; the pieces decode by simple
-    concatenation. The unknown token shows as U+FFFD, as our decode shows it, and is the boundary token (a model
-    trained before the unknown token was reserved has no token to spare, so it declares none)."""
+    concatenation. The unknown token shows as U+FFFD, as our decode shows it."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = data["chars"]
@@ -264,13 +258,7 @@ def _char_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unknown or "<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    return ExportedTokenizer(tokenizer, unknown, unknown)
-
-
-def _nul_symbol() -> str:
-    """How byte-level vocabularies write byte 0 (NUL): the boundary token of byte and BPE models, since text
-    never needs it."""
-    return next(symbol for symbol, byte in byte_of_symbol().items() if byte == 0)
+    return ExportedTokenizer(tokenizer, unknown)
 
 
 def _byte_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
@@ -281,7 +269,7 @@ def _byte_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
     tokenizer = Tokenizer(models.BPE(vocab=byte_of_symbol(), merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return ExportedTokenizer(tokenizer, None, _nul_symbol())
+    return ExportedTokenizer(tokenizer, None)
 
 
 # Where str.splitlines() cuts: BPETokenizer encodes line by line, so no merge spans a line break.
@@ -296,7 +284,7 @@ def _bpe_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
     tokenizer = Tokenizer.from_str(data["json"])
     lines = pre_tokenizers.Split(Regex(_LINE_BREAKS), behavior="merged_with_previous")
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([lines, tokenizer.pre_tokenizer])
-    return ExportedTokenizer(tokenizer, None, _nul_symbol())
+    return ExportedTokenizer(tokenizer, None)
 
 
 _TOKENIZER_BUILDERS: dict[str, Callable[[dict[str, Any]], ExportedTokenizer]] = {
@@ -305,18 +293,20 @@ _TOKENIZER_BUILDERS: dict[str, Callable[[dict[str, Any]], ExportedTokenizer]] = 
 
 def tokenizers_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
     """A `tokenizers.Tokenizer` giving the same ids as our tokenizer described by `data` (its to_dict()), with
-    its unknown and boundary tokens."""
+    its unknown token."""
     kind = data.get("type")
     if kind not in _TOKENIZER_BUILDERS:
         raise UserError(f"tokenizer type {kind!r} cannot be exported yet")
     return _TOKENIZER_BUILDERS[kind](data)
 
 
-def hf_tokenizer(exported: ExportedTokenizer, context_length: int) -> Any:
-    """The tokenizer as a transformers PreTrainedTokenizerFast (loads with AutoTokenizer, no custom code)."""
+def hf_tokenizer(exported: ExportedTokenizer, boundary_id: int | None, context_length: int) -> Any:
+    """The tokenizer as a transformers PreTrainedTokenizerFast (loads with AutoTokenizer, no custom code), with
+    `boundary_id` (Tokenizer.boundary_id: our models have no begin/end-of-text token of their own, and a new id
+    would change the softmax) declared as begin, end and padding token."""
     from transformers import PreTrainedTokenizerFast
 
-    boundary = exported.boundary
+    boundary = None if boundary_id is None else exported.tokenizer.id_to_token(boundary_id)
     # No space clean-up on decode: it would turn " ." into "." and break the round trip. split_special_tokens:
     # the special tokens' text in a string is encoded as ordinary text (the byte-level symbol of NUL is the
     # letter U+0100), so any text gets the ids our tokenizer gives it.
