@@ -108,9 +108,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_dir, task_dir = Path(tmp) / "export", Path(tmp) / "task"
         run(sys.executable, "-m", "fundamentallm", "export", args.checkpoint, "-o", export_dir, "--format", "hf")
-        printed = run(sys.executable, "-m", "fundamentallm", "evaluate", args.checkpoint, args.text, "--json")
-        # On a long text its progress lines (every 30 s when stdout is not a terminal) come before the JSON.
-        ours = json.loads(printed[printed.index("{"):])
+        ours = json.loads(run(sys.executable, "-m", "fundamentallm", "evaluate", args.checkpoint, args.text,
+                              "--json"))
         write_task(task_dir, text)
         theirs, printed = lm_eval(export_dir, task_dir, Path(tmp) / "lm_eval", args.batch_size)
         bos = json.loads((export_dir / "config.json").read_text())["bos_token_id"]
