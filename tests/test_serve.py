@@ -19,10 +19,14 @@ from pathlib import Path
 
 import openai
 import pytest
-from helpers import ROOT, assert_clean_error, run_cli, train_tiny
+import torch
+from helpers import ROOT, TINY_MODEL, assert_clean_error, run_cli, train_tiny
 
-from fundamentallm.generate import TextStream
+from fundamentallm.checkpoint import _checksum
+from fundamentallm.config import ModelConfig
+from fundamentallm.generate import DecodeBatch, Sampling, TextStream
 from fundamentallm.logprobs import Tracker, token_text
+from fundamentallm.model import GPT
 from fundamentallm.tokenizer import ByteTokenizer
 
 KEY = "test-key-123"
@@ -227,6 +231,7 @@ def wait_idle(server: Server) -> dict:
 @pytest.mark.parametrize("streamed", [True, False])
 def test_a_client_that_disconnects_frees_its_slot(server: Server, streamed: bool) -> None:
     before = wait_idle(server)["tokens_generated"]
+    seen = len(server.log.read_text())
     body = json.dumps({"prompt": "Alice", "max_tokens": 4096, "stream": streamed}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -245,6 +250,9 @@ def test_a_client_that_disconnects_frees_its_slot(server: Server, streamed: bool
                 time.sleep(0.05)
     # Gone long before 4,096 tokens: the job was cancelled, not run to the end.
     assert wait_idle(server)["tokens_generated"] - before < 4096
+    # One line in the server's log says so (and no traceback).
+    log = server.log.read_text()[seen:]
+    assert log.count("cancelled before its end") == 1 and "Traceback" not in log, log
 
 
 def test_sigterm_finishes_in_flight_requests_and_frees_the_port(checkpoint: Path, tmp_path: Path) -> None:
@@ -273,6 +281,33 @@ def test_sigterm_finishes_in_flight_requests_and_frees_the_port(checkpoint: Path
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # Linux refuses this while anything listens
         sock.bind(("127.0.0.1", server.port))
         sock.listen()
+
+
+def test_unseen_characters_are_the_unknown_token_as_in_generate(client: openai.OpenAI, checkpoint: Path) -> None:
+    served = complete(client, prompt="Alice €", max_tokens=20, seed=5)
+    cli = run_cli("generate", checkpoint, "--prompt", "Alice €", "--max-tokens", "20", "--seed", "5",
+                  "--temperature", "1.0", "--device", "cpu")
+    assert cli.exit_code == 0 and cli.stdout == f"Alice €{served}\n"
+
+
+def test_a_request_that_can_never_fit_and_ctrl_c_while_streaming(checkpoint: Path, tmp_path: Path) -> None:
+    server = Server(checkpoint, tmp_path / "server.log", "--slots", "1")  # queues 4 completions at most
+    try:
+        status, body = request(server.port, "POST", "/v1/completions", {"prompt": "A", "n": 5})
+        assert status == 400 and body["error"]["param"] == "n" and "--slots" in body["error"]["message"], body
+        status, body = request(server.port, "POST", "/v1/completions", {"prompt": "A", "n": 4, "max_tokens": 3})
+        assert status == 200 and len(body["choices"]) == 4  # an idle server takes what fits: never a 503
+        # Ctrl-C while a long answer streams: the server stops without a traceback, ended by the signal.
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.completions.create(model="m", prompt="Alice", max_tokens=4096, stream=True)
+        next(iter(answer))
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=120) == -signal.SIGINT
+        answer.close()
+    finally:
+        server.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and "Finished server process" in log, log
 
 
 def test_playground_streams_into_the_page(server: Server, client: openai.OpenAI) -> None:
@@ -333,6 +368,14 @@ def test_serve_command_errors(checkpoint: Path, tmp_path: Path) -> None:
         port = str(taken.getsockname()[1])
         assert_clean_error(run_cli("serve", checkpoint, "--port", port), "cannot listen", "--port")
     assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--api-key", " "), "--api-key is empty")
+    assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--api-key", "clé"), "--api-key", "ASCII")
+    # Finite weights whose scores overflow float32: refused at start, not one traceback per request.
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["model"]["norm_f.weight"].fill_(3e38)
+    payload["checksum"] = _checksum(payload)
+    torch.save(payload, tmp_path / "overflow.pt")
+    assert_clean_error(run_cli("serve", tmp_path / "overflow.pt", "--port", "0"), "NaN or infinite scores",
+                       "earlier checkpoint")
 
 
 def stream_text(pieces: list[str], stops: list[str]) -> tuple[list[str], bool]:
@@ -540,3 +583,108 @@ def test_logprobs_of_a_byte_model_on_accented_and_cyrillic_text(tmp_path: Path) 
         assert offsets == sorted(offsets) and offsets[-1] < len(choice.text)
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batched decoding and text for every tokenizer
+
+
+def decode(model: GPT, joins: dict[int, tuple[int, list[int]]], leaves: dict[int, int], steps: int,
+           ) -> dict[int, list[tuple[int, float]]]:
+    """Run a DecodeBatch where sequence `key` joins at step joins[key][0] with prompt joins[key][1] and leaves
+    after leaves[key] tokens (or at the end); each sequence's (token, logprob) in order."""
+    batch, rows, out = DecodeBatch(model, 4), [], {key: [] for key in joins}
+    for step in range(steps):
+        for key, (at, prompt) in joins.items():
+            if at == step:
+                batch.add(prompt, Sampling(temperature=0), None)
+                rows.append(key)
+        if not rows:
+            continue
+        for key, sampled in zip(rows, batch.sample(), strict=True):
+            out[key].append((sampled.token, sampled.logprob))
+        for i in reversed(range(len(rows))):
+            if len(out[rows[i]]) == leaves.get(rows[i], steps):
+                batch.remove(i)
+                rows[i] = rows[-1]
+                rows.pop()
+        if rows:
+            batch.advance()
+    return out
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_batched_decoding_matches_each_sequence_alone(positions: str) -> None:
+    """Sequences join and leave between steps, at different lengths, past the context (the window slides)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY_MODEL, position_embedding=positions), vocab_size=40, context_length=16).eval()
+    joins = {0: (0, [1, 2, 3]), 1: (2, [4]), 2: (5, [5, 6, 7, 8, 9, 10, 11]), 3: (9, [12, 13]), 4: (12, [7])}
+    together = decode(model, joins, {0: 10, 3: 25}, 40)
+    for key, (_, prompt) in joins.items():
+        alone = decode(model, {key: (0, prompt)}, {}, len(together[key]))[key]
+        assert [token for token, _ in together[key]] == [token for token, _ in alone]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(together[key], alone, strict=True)) <= 1e-4
+
+
+MULTILINGUAL = ("Ça déjà vu, élève naïf à Zürich; «Привет, мир!» — сказал он. Où est la forêt? Ещё раз, пожалуйста. "
+                "Garçon, l'été arrive. Эта книга очень интересная. ")
+
+
+@pytest.fixture(scope="module", params=["byte", "bpe"])
+def multilingual(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A byte or BPE model trained on accented and Cyrillic text, served."""
+    tmp = tmp_path_factory.mktemp(f"serve-{request.param}")
+    (tmp / "text.txt").write_text(MULTILINGUAL * 40, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FUNDAMENTALLM_CACHE_DIR", str(tmp / "token-cache"))
+        train_tiny(tmp / "text.txt", tmp / "run", "--max-steps", "30", "--set", f"data.tokenizer={request.param}",
+                   "--set", "data.vocab_size=300")
+    running = Server(tmp / "run" / "final_model.pt", tmp / "server.log")
+    running.checkpoint = tmp / "run" / "final_model.pt"
+    yield running
+    running.stop()
+
+
+def test_byte_and_bpe_models_serve_generates_text(multilingual: Server) -> None:
+    client = openai.OpenAI(base_url=f"{multilingual.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    texts = {}
+    for seed in range(4):
+        texts[seed] = complete(client, prompt="Ça", max_tokens=40, seed=seed)
+        cli = run_cli("generate", multilingual.checkpoint, "--prompt", "Ça", "--max-tokens", "40", "--seed",
+                      str(seed), "--temperature", "1.0", "--device", "cpu")
+        assert cli.stdout == f"Ça{texts[seed]}\n", seed
+    assert any(ord(ch) > 127 for text in texts.values() for ch in text)  # it did write non-ASCII text
+    assert "".join(stream(client, prompt="Ça", max_tokens=40, seed=0)[0]) == texts[0]
+    # A stop sequence spanning tokens (and, where it holds one, a character split across byte tokens).
+    text = texts[0]
+    middle = len(text) // 2
+    stop = text[middle : middle + 4]
+    cut = text[: text.find(stop)]
+    stopped = client.completions.create(model="m", prompt="Ça", max_tokens=40, seed=0, stop=[stop]).choices[0]
+    assert (stopped.text, stopped.finish_reason) == (cut, "stop")
+    pieces, finish = stream(client, prompt="Ça", max_tokens=40, seed=0, stop=["\x00never", stop])
+    assert ("".join(pieces), finish) == (cut, "stop")
+
+
+def test_concurrent_requests_get_the_log_probabilities_they_get_alone(multilingual: Server) -> None:
+    client = openai.OpenAI(base_url=f"{multilingual.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    params = [{"prompt": prompt, "max_tokens": 30, "seed": seed, "logprobs": 1}
+              for seed, prompt in enumerate(["Ça", "При", "Où", "", "Garçon, l'été", "Эта"])]
+    alone = [client.completions.create(model="m", **p).choices[0].logprobs for p in params]
+    together: list = [None] * len(params)
+    start = threading.Barrier(len(params))
+
+    def run(i: int) -> None:
+        start.wait()
+        together[i] = client.completions.create(model="m", **params[i]).choices[0].logprobs
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(params))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for a, t in zip(alone, together, strict=True):
+        # Float rounding may, rarely, change a sampled token: compare up to the first difference.
+        same = next((i for i, (x, y) in enumerate(zip(a.tokens, t.tokens, strict=True)) if x != y), len(a.tokens))
+        assert same > 0
+        assert all(abs(x - y) <= 1e-4 for x, y in zip(a.token_logprobs[:same], t.token_logprobs[:same], strict=True))

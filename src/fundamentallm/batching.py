@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fundamentallm.console import warn
+from fundamentallm.console import info, warn
 from fundamentallm.generate import OVERFLOW, DecodeBatch, Sampled, Sampling, TextStream
 from fundamentallm.model import GPT
 from fundamentallm.tokenizer import Tokenizer
@@ -67,6 +67,7 @@ class Job:
     emit: Emit  # called from the worker thread, as emit(index, event)
     generated: int = 0
     cancelled: bool = False
+    finished: bool = False  # its FinishEvent was sent
     stream: TextStream | None = None  # set when the job starts
 
 
@@ -81,8 +82,8 @@ class QueueFull(Exception):
 class Engine:
     """Runs jobs in one thread, all running ones advanced together by one batched forward pass per step."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int) -> None:
-        self.model, self.tokenizer, self.slots = model, tokenizer, slots
+    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int, log: Callable[[str], None] = info) -> None:
+        self.model, self.tokenizer, self.slots, self._log = model, tokenizer, slots, log
         self.queue_limit = QUEUE_PER_SLOT * slots
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []  # job i decodes in row i of the batch
@@ -119,12 +120,17 @@ class Engine:
             self._cond.notify()
 
     def cancel(self, jobs: list[Job]) -> None:
-        """Stop these jobs: waiting ones leave the queue now, running ones at the next step."""
+        """Stop these jobs (a request's, when it ends): waiting ones leave the queue now, running ones at the next
+        step. A request cut short (its client went away, or shutdown did not wait) is one line in the log."""
         with self._cond:
+            unfinished = [job for job in jobs if not job.finished]
             for job in jobs:
                 job.cancelled = True
                 if job in self._waiting:
                     self._waiting.remove(job)
+        if unfinished:
+            self._log(f"a request was cancelled before its end (its client went away): {len(unfinished)} of its "
+                      f"{len(jobs)} completions unfinished, {sum(job.generated for job in jobs)} tokens generated")
 
     def _run(self) -> None:
         while True:
@@ -168,19 +174,22 @@ class Engine:
             return True
         if sampled is None:  # this request's scores overflowed: it ends with an error, the others go on
             warn(f"a request failed: {OVERFLOW}")
-            job.emit(job.index, FinishEvent(f"error: {OVERFLOW}"))
+            self._finish(job, FinishEvent(f"error: {OVERFLOW}"))
             return True
         assert job.stream is not None
         job.generated += 1
         self.tokens_generated += 1
         job.emit(job.index, TokenEvent(job.stream.add(sampled.token), sampled.token, sampled.logprob, sampled.top))
         if job.stream.stopped:
-            job.emit(job.index, FinishEvent("stop"))
-            return True
-        if job.generated >= job.max_tokens:  # whatever was held back for a stop sequence goes out now
-            job.emit(job.index, FinishEvent("length", job.stream.finish()))
-            return True
-        return False
+            self._finish(job, FinishEvent("stop"))
+        elif job.generated >= job.max_tokens:  # whatever was held back for a stop sequence goes out now
+            self._finish(job, FinishEvent("length", job.stream.finish()))
+        return job.finished
+
+    @staticmethod
+    def _finish(job: Job, event: FinishEvent) -> None:
+        job.finished = True
+        job.emit(job.index, event)
 
     def _fail_all(self, joining: list[Job], reason: str) -> None:
         with self._cond:
@@ -189,4 +198,4 @@ class Engine:
         self._batch = DecodeBatch(self.model, self.slots)
         for job in jobs:
             if not job.cancelled:
-                job.emit(job.index, FinishEvent(reason))
+                self._finish(job, FinishEvent(reason))

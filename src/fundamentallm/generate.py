@@ -41,19 +41,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy, and so does any
-    temperature too small for float32 (below its smallest normal number, where dividing by it is 0 / 0)."""
+    temperature too small for float32 (below its smallest normal number, where dividing by it is 0 / 0).
+    Logits shifted so the largest is 0 before dividing: a tiny temperature then sends the others to -inf
+    (greedy in effect) instead of overflowing to inf - inf = nan."""
     logits = logits.float()
-    top = logits.max(dim=-1, keepdim=True).values  # nan if any logit is nan
-    if not bool(torch.isfinite(top).all()):
-        raise UserError("the model produced NaN or infinite scores for the next character: its weights are "
-                        "damaged or overflow (e.g. saved after training diverged); use an earlier checkpoint")
-    if temperature < torch.finfo(torch.float32).tiny:
-        return logits.argmax(dim=-1)
-    # Shift so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf
-    # (greedy in effect) instead of overflowing to inf - inf = nan.
-    scaled = (logits - top) / temperature
-    probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if not bool(torch.isfinite(logits.max(dim=-1).values).all()):  # nan if any logit is nan
+        raise UserError(OVERFLOW)
+    row = _Row([], Sampling(temperature, top_k, top_p), generator)
+    return torch.tensor(_sample_rows(logits, [row] * len(logits), [True] * len(logits)), device=logits.device)
 
 
 @dataclass(frozen=True)
@@ -136,12 +131,10 @@ class DecodeBatch:
         """Each sequence's next token (None for one whose scores are not finite: it cannot go on)."""
         assert self._logits is not None, "sample() needs a sequence"
         logits = self._logits.float()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        finite = torch.isfinite(logits.max(dim=-1).values).tolist()  # nan if any logit is nan
         logprobs = logits.log_softmax(dim=-1)
         best = logprobs.topk(min(TOP_LOGPROBS, logits.size(-1)), dim=-1)
-        tokens = [int(sample_next(logits[i : i + 1], row.sampling.temperature, row.sampling.top_k,
-                                  row.sampling.top_p, row.generator)[0]) if finite[i] else -1
-                  for i, row in enumerate(self.rows)]
+        tokens = _sample_rows(logits, self.rows, finite)
         chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device).clamp(min=0)[:, None])[:, 0]
         out: list[Sampled | None] = []
         for i, (token, logprob, ids, values) in enumerate(zip(tokens, chosen.tolist(), best.indices.tolist(),
@@ -158,12 +151,17 @@ class DecodeBatch:
         """One forward pass over every sequence's last sampled token. A sequence whose window is full slides:
         its row is rebuilt from its most recent tokens (a pass of its own, as `generate` does)."""
         full = [i for i, row in enumerate(self.rows) if row.length == self.model.context_length]
-        stepping = [i for i in range(len(self.rows)) if i not in set(full)]
+        stepping = [i for i, row in enumerate(self.rows) if row.length < self.model.context_length]
         logits = torch.empty_like(self._logits) if self._logits is not None else None
         if stepping:
             if len(stepping) == len(self.rows):  # the usual case: every row, in order
                 ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
-                out, _ = self.model(ids, cache=self.cache, positions=[row.length for row in self.rows])
+                lengths = [row.length for row in self.rows]
+                if min(lengths) == max(lengths):  # rows alike (one alone, say): plain slices, the same numbers
+                    self.cache.length = lengths[0]
+                    out, _ = self.model(ids, cache=self.cache)
+                else:
+                    out, _ = self.model(ids, cache=self.cache, positions=lengths)
                 logits = out[:, -1]
             else:  # rows that slide sit out this pass; the others are not packed, so step them one by one
                 for i in stepping:
@@ -187,6 +185,36 @@ class DecodeBatch:
         view.length = row.length
         logits, _ = self.model(torch.tensor([[row.tokens[-1]]], device=self.device), cache=view)
         return logits[0, -1]
+
+
+@torch.inference_mode()
+def scores_are_finite(model: GPT, prompt: list[int]) -> bool:
+    """Whether the model's scores after `prompt` are finite (damaged or overflowing weights give NaN or inf)."""
+    logits, _ = model(torch.tensor([prompt], device=next(model.parameters()).device))
+    return bool(torch.isfinite(logits[:, -1].float()).all())
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[_Row], finite: list[bool]) -> list[int]:
+    """`sample_next` for every row of logits (B, V) at once, each row with its own settings and generator; -1 for
+    a row whose scores are not finite. The arithmetic is batched; only the draws go row by row."""
+    tokens = [token if ok else -1 for token, ok in zip(logits.argmax(dim=-1).tolist(), finite, strict=True)]
+    # A temperature below float32's smallest normal number is greedy (dividing by it would give 0 / 0).
+    tiny = torch.finfo(torch.float32).tiny
+    drawn = [i for i, row in enumerate(rows) if finite[i] and row.sampling.temperature >= tiny]
+    if not drawn:
+        return tokens  # greedy rows keep the argmax
+    index = torch.tensor(drawn, device=logits.device)
+    chosen = logits[index]
+    temperatures = torch.tensor([rows[i].sampling.temperature for i in drawn], device=logits.device)
+    scaled = (chosen - chosen.max(dim=-1, keepdim=True).values) / temperatures[:, None]
+    for j, i in enumerate(drawn):
+        sampling = rows[i].sampling
+        if sampling.top_k > 0 or sampling.top_p < 1.0:
+            scaled[j] = filter_logits(scaled[j : j + 1], sampling.top_k, sampling.top_p)[0]
+    probs = scaled.softmax(dim=-1)
+    for j, i in enumerate(drawn):
+        tokens[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=rows[i].generator)[0, 0])
+    return tokens
 
 
 def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,

@@ -84,12 +84,12 @@ class KVCache:
               ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
         """Write the new keys and values (B, H, T, D) of `layer`; return every key and value the new queries
         attend to, the number of cached positions before them, and the mask of keys each row may see."""
+        B = k.shape[0]  # the first B rows (a batch may hold fewer sequences than the cache has rows)
         if self.positions is None:
             past, T = self.length, k.shape[2]
-            self.k[layer, :, :, past : past + T] = k
-            self.v[layer, :, :, past : past + T] = v
-            return self.k[layer, :, :, : past + T], self.v[layer, :, :, : past + T], past, None
-        B = k.shape[0]
+            self.k[layer, :B, :, past : past + T] = k
+            self.v[layer, :B, :, past : past + T] = v
+            return self.k[layer, :B, :, : past + T], self.v[layer, :B, :, : past + T], past, None
         rows = torch.arange(B, device=k.device)
         self.k[layer, rows, :, self.positions] = k[:, :, 0]
         self.v[layer, rows, :, self.positions] = v[:, :, 0]

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
+import signal
 import socket
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -63,7 +66,7 @@ except ImportError:
 
 from fundamentallm.batching import Engine, FinishEvent, Job, QueueFull, TokenEvent
 from fundamentallm.evaluate import token_logprobs
-from fundamentallm.generate import Sampling, start_tokens
+from fundamentallm.generate import OVERFLOW, Sampling, scores_are_finite, start_tokens
 from fundamentallm.logprobs import Logprobs, Tracker, prompt_logprobs
 
 MAX_BODY_BYTES = 1 << 20  # a prompt never needs more: it must fit in the model's context (or be scored alone)
@@ -404,15 +407,54 @@ def run_server(checkpoint: Path, host: str, port: int, api_key: str | None, slot
 
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty; give a key, or leave the option (and FUNDAMENTALLM_API_KEY) out")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        raise UserError("--api-key holds characters outside printable ASCII, which an HTTP header cannot carry "
+                        "reliably; choose a key of ASCII letters, digits and punctuation")
     template = load_chat_template(chat_template)
     loaded = load_model(checkpoint, select_device(device))  # a bad checkpoint fails before the port is taken
+    if not scores_are_finite(loaded.model, start_tokens(loaded.tokenizer)):
+        raise UserError(f"{OVERFLOW}; the server does not start with it")
     sock = _bind(host, port)
-    served = Served(str(checkpoint), Engine(loaded.model, loaded.tokenizer, slots), api_key, template)
+    engine = Engine(loaded.model, loaded.tokenizer, slots, log=logging.getLogger("uvicorn.error").info)
+    served = Served(str(checkpoint), engine, api_key, template)
     shown_host, shown_port = sock.getsockname()[:2]
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     print(f"Serving {checkpoint} at http://{shown_host}:{shown_port}/ (playground) and "
           f"http://{shown_host}:{shown_port}/v1 (OpenAI API){'; API key required' if api_key else ''}. "
           f"Ctrl-C stops it.", flush=True)
     config = uvicorn.Config(create_app(served), log_level="info", timeout_graceful_shutdown=GRACE_SECONDS)
-    uvicorn.Server(config).run(sockets=[sock])
+    logging.getLogger("uvicorn.error").addFilter(_no_cancelled)
+    server = _Server(config)
+    server.run(sockets=[sock])
+    if server.stopped_by is not None:  # end as that signal ends a process (exit status), now that all is closed
+        signal.signal(server.stopped_by, signal.SIG_DFL)
+        signal.raise_signal(server.stopped_by)
+
+
+def _no_cancelled(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's tracebacks of requests cancelled at shutdown (a second Ctrl-C, or the grace period over):
+    being cut short then is what was asked for, not an error."""
+    cancelled = record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError)
+    return not (cancelled or record.getMessage().rstrip().endswith("asyncio.exceptions.CancelledError"))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped by Ctrl-C or SIGTERM as uvicorn stops it (in-flight requests get GRACE_SECONDS, a
+    second Ctrl-C cuts them short), except that uvicorn re-raises the signal while its event loop still runs,
+    where Ctrl-C becomes a KeyboardInterrupt traceback; run_server re-raises it once the loop is gone."""
+
+    stopped_by: int | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stopped_by = self.stopped_by or sig
+        super().handle_exit(sig, frame)
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
