@@ -95,6 +95,16 @@ def test_tokenizer_round_trip_with_unknown_characters(text: Path, tmp_path: Path
         assert ids == ours.encode(sample)
         assert theirs.decode(ids) == ours.decode(ids)
     assert theirs.decode(theirs("Alice \u4e2d")["input_ids"]) == "Alice \ufffd"
+    # The unknown token is also the declared begin/end-of-text token; encoding never adds it.
+    assert theirs.bos_token_id == theirs.eos_token_id == theirs.pad_token_id == ours.unknown_id
+
+
+def test_model_card_names_a_data_file_gone_since_training(text: Path, tmp_path: Path) -> None:
+    train_tiny(text, tmp_path / "run", "--set", "training.max_steps=1")
+    text.rename(tmp_path / "elsewhere.txt")
+    export(tmp_path / "run" / "final_model.pt", tmp_path / "hf", "hf")
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    assert f"| {text.name} | | (not found at export time) |" in card
 
 
 @pytest.mark.parametrize("preset", ["medium", "large"])
