@@ -249,7 +249,8 @@ def lm_eval_scores_like_us(out: Path, checkpoint: Path, text: str) -> None:
     """lm-eval's `hf` model takes the export as it is (no prefix_token_id), and its rolling log-likelihood is ours
     over the text after the declared begin-of-text token. Its windows are ours except the last, which it fills
     back to a whole context: on a text of whole windows the two are the same sums."""
-    pytest.importorskip("accelerate")  # lm-eval's hf model needs it (the lm-eval extra)
+    pytest.importorskip("lm_eval")  # the lm-eval extra (part of dev): lm-eval and accelerate, which its hf model needs
+    pytest.importorskip("accelerate")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
