@@ -542,7 +542,8 @@ def lr_find(data: tuple[str, ...], config_name: str | None, batch_size: int | No
 @click.option("--space", "spaces", multiple=True, metavar="KEY=RANGE|V1,V2,...",
               help="With --search: a key and where to look, log:1e-4:1e-2, float:0:0.2, int:1:4 or a list "
                    "16,32,64 (repeatable).")
-@click.option("--trials", type=click.IntRange(min=1), help="With --search: how many configurations to train.")
+@click.option("--trials", type=click.IntRange(1, 10_000),
+              help="With --search: how many configurations to train (at most 10,000).")
 @click.option("--prune", is_flag=True,
               help="With --search: stop a trial whose validation loss is behind the median of earlier trials.")
 @_output_dir_option("sweep", "One directory per run goes in here, and results.csv.")

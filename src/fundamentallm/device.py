@@ -80,6 +80,19 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_text() -> str:
+    """'4 threads', and when that is more than the cores this process may use, says so: threads beyond the
+    cores only wait for each other."""
+    threads, cores = torch.get_num_threads(), _cores()
+    over = f", more than the {cores} core{'s' if cores > 1 else ''} this process may use: expect it to be " \
+        f"slower than --threads {cores}" if threads > cores else ""
+    return f"{threads} threads{over}"
+
+
 def machine_load_note() -> str:
     """' (busy: load 7.9 on 2 cores)' when other work competes for the CPU, else ''."""
     if not hasattr(os, "getloadavg"):

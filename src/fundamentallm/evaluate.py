@@ -125,9 +125,9 @@ def token_logprobs(model: GPT, tokens: list[int], top: int = 0, batch_size: int 
 
 def estimate_loss(model: GPT, tokens: torch.Tensor | np.ndarray, batch_size: int, device: torch.device,
                   amp: torch.dtype | None = None, max_windows: int = 0,
-                  dist: distributed.Dist = distributed.SINGLE) -> float:
+                  dist: distributed.Dist = distributed.SINGLE, progress: bool = False) -> float:
     """Mean cross-entropy (nats per token) over `tokens` (see score_tokens)."""
-    return score_tokens(model, tokens, batch_size, device, amp, max_windows, dist).loss
+    return score_tokens(model, tokens, batch_size, device, amp, max_windows, dist, progress=progress).loss
 
 
 @dataclass

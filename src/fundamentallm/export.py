@@ -296,7 +296,8 @@ def tokenizers_tokenizer(data: dict[str, Any]) -> ExportedTokenizer:
     its unknown token."""
     kind = data.get("type")
     if kind not in _TOKENIZER_BUILDERS:
-        raise UserError(f"tokenizer type {kind!r} cannot be exported yet")
+        raise UserError(f"tokenizer type {kind!r} cannot be exported to transformers or ONNX yet; --format "
+                        f"safetensors keeps any tokenizer")
     return _TOKENIZER_BUILDERS[kind](data)
 
 

@@ -173,6 +173,11 @@ class FineTune:
                  if k not in ("dropout", "attention_dropout") and getattr(config.model, k) != v]
         if config.data.tokenizer != old.kind:
             diffs.append(f"data.tokenizer: {old.kind} in {checkpoint.path}, {config.data.tokenizer} now")
+        # The keys that shaped the tokenizer it keeps: a new value would be recorded in config.yaml, not used.
+        shaping = {"bpe": "vocab_size", "char": "min_char_frequency"}.get(old.kind)
+        was, now = (getattr(c.data, shaping) for c in (checkpoint.config, config)) if shaping else (None, None)
+        if was != now:
+            diffs.append(f"data.{shaping}: {was!r} in {checkpoint.path}, {now!r} now")
         if diffs:
             raise UserError(f"--init-from keeps the model's shape and tokenizer, but they differ "
                             f"({'; '.join(diffs[:3])}); leave out --config, or use one with the same model")
@@ -202,6 +207,7 @@ class FineTune:
                                     f"this run's model {tuple(target.shape)}; keep the model's sequence_length")
                 else:
                     target.copy_(value)
+        self._check_finite(model, data)
         unknown = new.unknown_id if isinstance(new, CharTokenizer) else -1
         count = sum(int(np.count_nonzero(data.train[i : i + (1 << 24)] == unknown))  # in slices: bounded memory
                     for i in range(0, len(data.train), 1 << 24)) if unknown >= 0 else 0
@@ -211,6 +217,18 @@ class FineTune:
         if count:
             warn(f"{count:,} character(s) of the training text are not in the model's vocabulary and count as its "
                  f"unknown token; --extend-vocab gives them tokens of their own")
+
+
+    def _check_finite(self, model: GPT, data: TokenData) -> None:
+        """Finite weights can still overflow float32 on the way to the scores; then every step would be NaN."""
+        ids = torch.from_numpy(np.array(data.train[: model.context_length], dtype=np.int64))
+        ids = ids.to(next(model.parameters()).device)
+        with torch.no_grad():
+            logits = model(ids[None])[0]
+        if not torch.isfinite(logits).all():
+            raise UserError(f"--init-from {self.checkpoint.path}: the model overflows: its scores on the training "
+                            f"text are NaN or infinite, so no step could learn from them; start from an earlier "
+                            f"checkpoint")
 
 
 def init_base(checkpoint: ckpt.Checkpoint) -> tuple[dict, str]:

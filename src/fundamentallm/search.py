@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from fundamentallm.config import Config, parse_value, resolve_config
 from fundamentallm.console import info, warn
 from fundamentallm.data import prepare_data
 from fundamentallm.errors import TrainingFailed, UserError
+from fundamentallm.files import is_regular
 from fundamentallm.metrics import read_metrics
 from fundamentallm.plot import plot_finished_run
 from fundamentallm.resume import inspect_run_dir, refuse_run_dir
@@ -201,12 +203,17 @@ def open_study(output_dir: Path, method: str, prune: bool, trials: int, signatur
     db = output_dir / STUDY_DB
     if not db.exists() and ((output_dir / RESULTS_CSV).exists() or any(output_dir.glob("trial-*"))):
         raise UserError(f"{output_dir} holds sweep results but no {STUDY_DB}; use another -o, or remove them")
+    if os.path.lexists(db) and not is_regular(db):
+        raise UserError(f"{db} is not a regular file, so not a study; remove it or use another -o")
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="minimize",
                                     load_if_exists=True)
     except Exception as exc:  # sqlite or Optuna refusing the file: not a study this search can use
+        if "database is locked" in str(exc):  # another program holds a write lock on it (sqlite waited 5 s)
+            raise UserError(f"{db} is locked by another program that has it open; close that program (or wait "
+                            f"for it), then run the search again") from None
         raise UserError(f"{db} is not a readable study ({type(exc).__name__}); remove it or use another "
                         f"-o") from None
     saved = study.user_attrs.get("command")

@@ -33,6 +33,7 @@ from fundamentallm.device import (
     memory_stats,
     oom_message,
     select_device,
+    threads_text,
 )
 from fundamentallm.errors import TrainingFailed, UserError
 from fundamentallm.evaluate import estimate_loss
@@ -262,8 +263,9 @@ def evaluate(run: Run, log: MetricsLog | None, output_dir: Path, mid_epoch: bool
     """Validation loss, logged, with a short sample; keeps best_model.pt. Returns True when early stopping (or
     on_eval) says to stop. In the middle of an epoch the loss is printed here (end_epoch prints the epoch's)."""
     cfg, state = run.cfg, run.progress
+    # A long validation text (--val-data, eval_batches 0) shows its own progress.
     val_loss = estimate_loss(run.model, run.val_tokens, cfg.batch_size, run.device, run.amp,
-                             cfg.eval_batches * cfg.batch_size, run.dist)
+                             cfg.eval_batches * cfg.batch_size, run.dist, progress=True)
     state.val_loss = val_loss
     improved = val_loss < state.best_val_loss
     if improved:
@@ -472,7 +474,7 @@ def print_header(run: Run, total_steps: int, output_dir: Path, resume_from: ckpt
     m, t, data, dist = run.config.model, run.cfg, run.data, run.dist
     files = ", ".join(f.name for f in data.files[:3]) + (f" (+{len(data.files) - 3} files)"
                                                          if len(data.files) > 3 else "")
-    threads = f" ({torch.get_num_threads()} threads)" if run.device.type == "cpu" else ""
+    threads = f" ({threads_text()})" if run.device.type == "cpu" else ""
     info(f"Device: {run.device}{threads}, {PRECISION_NAMES[run.amp]}, torch.compile "
          f"{'on' if run.compiled else 'off'}" + (f", {dist.world_size} processes" if dist.enabled else "")
          + (machine_load_note() if run.device.type == "cpu" else ""))
