@@ -45,6 +45,9 @@ def test_an_output_under_a_file_or_in_proc_is_one_line(model: Path, tmp_path: Pa
     assert_one_line(export(model, tmp_path / "notes.txt" / "out"), "notes.txt is a file, not a directory")
     assert_one_line(export(model, tmp_path / "notes.txt"), "is a file")
     assert_one_line(export(model, "/proc/no-such-dir/out"), "cannot write to")
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    assert_one_line(export(model, tmp_path / "loop-a" / "out"), "cannot be resolved")
     assert snapshot(tmp_path) == before and hidden(tmp_path) == []
 
 

@@ -106,7 +106,10 @@ def check_export_dir(out: Path, source: Path, overwrite: bool) -> Path:
     it points to and stays a link), once nothing of the user's can be lost: refused when it is a file or lies
     under one, when it is the current directory or one above it, when --overwrite would replace a training run
     or the checkpoint being exported, and when its parent cannot be written. Nothing is created yet."""
-    target = Path(out).resolve()
+    try:
+        target = Path(out).resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of symbolic links
+        raise UserError(f"-o {out} cannot be resolved ({exc}); give a plain directory path") from None
     if target.exists() and not target.is_dir():
         raise UserError(f"-o {out} is a file; give a directory to export into")
     parent = target.parent
