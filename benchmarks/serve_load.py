@@ -35,8 +35,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 GENERATE_TIMER = """
 import sys, time, torch
 from fundamentallm.checkpoint import load_model
+from fundamentallm.device import set_threads
 from fundamentallm.generate import generate_tokens
-torch.set_num_threads(int(sys.argv[3])) if int(sys.argv[3]) else None
+set_threads(int(sys.argv[3]) or None)  # as the CLI sets them
 loaded = load_model(sys.argv[1], torch.device("cpu"))
 ids = loaded.tokenizer.encode("Alice")
 n = int(sys.argv[2])

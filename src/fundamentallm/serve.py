@@ -367,19 +367,25 @@ async def _stream(served: Served, shape: Shape, cid: str, choices: list[Choice],
             yield event(index, choice.text, choice.finish, choice.logprobs, first=True)
         remaining = len(jobs)
         while remaining:
-            index, update = await events.get()
-            try:
-                released = _take(choices[index], update)
-            except ApiError as error:
-                yield f"data: {json.dumps(error.body())}\n\n"
-                return
-            if isinstance(update, FinishEvent):
-                remaining -= 1
-                if update.text or released:  # held-back text, then the finish on its own (as OpenAI sends it)
-                    yield event(index, update.text, None, released)
-                yield event(index, "", update.reason, None)
-            elif update.text:
-                yield event(index, update.text, None, released)
+            # Everything that has arrived goes out in one write: a busy server sends fewer, larger writes.
+            updates, out = [await events.get()], []
+            while not events.empty():
+                updates.append(events.get_nowait())
+            for index, update in updates:
+                try:
+                    released = _take(choices[index], update)
+                except ApiError as error:
+                    yield "".join(out) + f"data: {json.dumps(error.body())}\n\n"
+                    return
+                if isinstance(update, FinishEvent):
+                    remaining -= 1
+                    if update.text or released:  # held-back text, then the finish on its own (as OpenAI sends it)
+                        out.append(event(index, update.text, None, released))
+                    out.append(event(index, "", update.reason, None))
+                elif update.text:
+                    out.append(event(index, update.text, None, released))
+            if out:
+                yield "".join(out)
         yield "data: [DONE]\n\n"
     finally:
         served.engine.cancel(jobs)
