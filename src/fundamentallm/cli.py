@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -331,6 +332,8 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
     job = train_job(list(data), config_name, overrides, output_dir, device=device, resume=resume,
                     overwrite=overwrite, init_from=init_from, extend_vocab=extend_vocab, val_data=list(val_data),
                     tensorboard=tensorboard)
+    # A time budget counts from the command's start (main), so that start-up is inside it.
+    job.launched = (click.get_current_context().obj or {}).get("launched")
     if auto_lr:
         from fundamentallm.lr_finder import auto_learning_rate
 
@@ -663,4 +666,4 @@ def serve(checkpoint: Path, host: str, port: int, api_key: str | None, slots: in
 
 
 def main() -> None:
-    cli(prog_name="fundamentallm")
+    cli(prog_name="fundamentallm", obj={"launched": time.perf_counter()})

@@ -95,10 +95,11 @@ class Progress:
             self._bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False,
                              dynamic_ncols=True, file=sys.stderr, unit_scale=unit_scale, bar_format=self.bar_format)
 
-    def set_total(self, total: int) -> None:
-        self.total = total
+    def set_total(self, total: int, desc: str | None = None) -> None:
+        self.total, self.desc = total, desc or self.desc
         if self._bar is not None:
             self._bar.total = total
+            self._bar.set_description_str(self.desc, refresh=False)
             self._bar.refresh()
 
     def update(self, n: int = 1) -> None:

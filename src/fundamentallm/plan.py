@@ -18,13 +18,19 @@ import torch
 
 from fundamentallm import distributed
 from fundamentallm.console import duration, info, warn
+from fundamentallm.data import eval_windows
 from fundamentallm.errors import UserError
+from fundamentallm.evaluate import estimate_loss
 from fundamentallm.optim import warmup_for
 
 if TYPE_CHECKING:  # types only: this module is below run.py
     from fundamentallm.run import Run
 
 CALIBRATION_STEPS = 10  # steps timed at the start of each session (after one warm-up step)
+PROBE_BATCHES = 2  # evaluation batches timed after the calibration, to know what the last evaluation will cost
+# What follows the last evaluation and counts in a time budget: the final checkpoint and the command's
+# training.png (about a second on 2 CPU cores, most of it matplotlib's import).
+FINISH_SECONDS = 1.0
 PACE_EVERY = 0.05  # under a time budget, the plan is re-fixed every 5% of the planned steps (at least every 10)
 PACE_SHOWN = (0.5, 0.75)  # the re-checks that are reported
 
@@ -68,6 +74,7 @@ class Planner:
         self.timer = 0.0
         self.last_check: tuple[int, float] | None = None  # step and run time of the last pace measurement
         self.final_eval = 0.0  # seconds the last evaluation will take, at the latest pace
+        self.eval_steps = 0.0  # what an evaluation costs, in training steps (measured once per session)
         self.shown = list(PACE_SHOWN)
 
     def after_step(self, loss: torch.Tensor) -> int:
@@ -79,7 +86,8 @@ class Planner:
             loss.item()
             self.last_check = (step, self.run.elapsed())
             seconds_per_step = (time.perf_counter() - self.timer) / CALIBRATION_STEPS
-            self.final_eval = _eval_seconds(self.run, seconds_per_step)
+            self.eval_steps = _time_evaluation(self.run) / seconds_per_step
+            self.final_eval = self.eval_steps * seconds_per_step
             self._settle(seconds_per_step)
         elif self.run.cfg.time_budget and self.last_check is not None:
             self._keep_to_budget(step)
@@ -91,9 +99,8 @@ class Planner:
         run, cfg, state = self.run, self.run.cfg, self.run.progress
         if cfg.time_budget and not state.planned_steps:
             evals_per_step = 1 / run.steps_per_epoch + (1 / cfg.eval_interval if cfg.eval_interval else 0)
-            eval_seconds = _eval_seconds(run, seconds_per_step)
-            left = cfg.time_budget - run.elapsed() - eval_seconds  # the last evaluation
-            self.total_steps = _fix_steps(run, left / (seconds_per_step + eval_seconds * evals_per_step))
+            left = cfg.time_budget - run.elapsed() - self.final_eval - FINISH_SECONDS  # the last evaluation, and after
+            self.total_steps = _fix_steps(run, left / (seconds_per_step + self.final_eval * evals_per_step))
             info(f"Time budget {duration(cfg.time_budget)}: {seconds_per_step:.3g} s per step, so "
                  f"{self.total_steps:,} steps in all (an epoch is {run.steps_per_epoch:,}); warmup "
                  f"{warmup_for(cfg, self.total_steps)} steps")
@@ -111,7 +118,7 @@ class Planner:
         last check, evaluations included (they recur at the same rate). A cosine schedule stretches or shrinks a
         little from here; wsd's stable phase absorbs it."""
         run, (checked_step, checked_at) = self.run, self.last_check
-        if distributed.any_rank(run.dist, run.elapsed() + self.final_eval >= run.cfg.time_budget):
+        if distributed.any_rank(run.dist, run.elapsed() + self.final_eval + FINISH_SECONDS >= run.cfg.time_budget):
             if self.total_steps > step:
                 info(f"Time budget {duration(run.cfg.time_budget)} reached at step {step:,} (planned: "
                      f"{self.total_steps:,}): the machine slowed down; ending the run here")
@@ -122,8 +129,8 @@ class Planner:
             return
         seconds_per_step = (run.elapsed() - checked_at) / (step - checked_step)
         self.last_check = (step, run.elapsed())
-        self.final_eval = _eval_seconds(run, seconds_per_step)
-        left = run.cfg.time_budget - run.elapsed() - self.final_eval
+        self.final_eval = self.eval_steps * seconds_per_step  # evaluations slow down with the steps
+        left = run.cfg.time_budget - run.elapsed() - self.final_eval - FINISH_SECONDS
         planned = _fix_steps(run, left / seconds_per_step)
         if self.shown and step - self.first_step >= self.shown[0] * (self.total_steps - self.first_step):
             self.shown.pop(0)  # the other re-checks stay silent: on a busy machine every one moves the plan
@@ -132,12 +139,16 @@ class Planner:
         self.total_steps = planned
 
 
-def _eval_seconds(run: Run, seconds_per_step: float) -> float:
-    # An evaluation reads its tokens forward only: about a third of a training step's work per token.
+def _time_evaluation(run: Run) -> float:
+    """Seconds a whole evaluation takes now, from PROBE_BATCHES of its batches timed (the first of them pays
+    for warm-up, so this errs long). Measured rather than derived from the step time: forward-only passes in
+    inference mode run several times faster per token than training steps, by a factor that varies by device."""
     cfg = run.cfg
-    eval_tokens = len(run.val_tokens) if not cfg.eval_batches else min(
-        len(run.val_tokens), cfg.eval_batches * cfg.batch_size * cfg.sequence_length)
-    return eval_tokens / run.tokens_per_step * seconds_per_step / 3
+    windows = len(eval_windows(len(run.val_tokens), cfg.sequence_length, cfg.eval_batches * cfg.batch_size))
+    probe = min(windows, PROBE_BATCHES * run.eval_batch_size)
+    start = time.perf_counter()
+    estimate_loss(run.model, run.val_tokens, run.eval_batch_size, run.device, run.amp, probe, run.dist)
+    return (time.perf_counter() - start) * windows / probe
 
 
 def _fix_steps(run: Run, steps_left: float, at_least: int = 1) -> int:

@@ -38,6 +38,9 @@ from fundamentallm.optim import Optimizer, make_optimizer
 from fundamentallm.resume import check_resume_compatible, restore_run
 from fundamentallm.tokenizer import CharTokenizer, Tokenizer
 
+EVAL_BATCHES = 4  # on a CPU, an evaluation pass takes up to this many training batches of windows ...
+EVAL_LOGITS_BYTES = 256 << 20  # ... while their float32 logits stay under this
+
 
 @dataclass
 class Run:
@@ -72,6 +75,18 @@ class Run:
     @property
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.data.train) / self.tokens_per_step))
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Windows per evaluation pass. On a CPU, EVAL_BATCHES training batches at once while their logits stay
+        under EVAL_LOGITS_BYTES: a forward pass keeps no activations for a backward one, and fewer, larger passes
+        are faster, several times so on a busy machine (fewer points where every thread must meet). On a GPU the
+        training batch, which its memory was sized for."""
+        cfg = self.cfg
+        if self.device.type != "cpu":
+            return cfg.batch_size
+        per_window = cfg.sequence_length * self.data.tokenizer.vocab_size * 4
+        return cfg.batch_size * max(1, min(EVAL_BATCHES, EVAL_LOGITS_BYTES // (per_window * cfg.batch_size)))
 
     @property
     def compiled(self) -> bool:

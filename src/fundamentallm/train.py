@@ -83,6 +83,7 @@ class TrainJob:
     on_eval: Callable[[int, float], bool] | None = None
     val_paths: list[str] = field(default_factory=list)
     init: FineTune | None = None
+    launched: float | None = None  # perf_counter() at the command's start: the run's clock starts there
 
 
 def train_job(data: list[str], config_name: str | None, overrides: list[tuple[str, Any, str]], output_dir: Path,
@@ -146,6 +147,9 @@ def _train(job: TrainJob, dev: torch.device, dist: distributed.Dist, earlier_run
             start_output_dir(output_dir, earlier_run, resume=resume_from is not None)
             save_config(job.config, output_dir / CONFIG)
     print_header(run, total_steps, output_dir, resume_from, job.config_origin)
+    # The run's clock (its elapsed time, its time budget) counts this session from the command's start when
+    # known, so that start-up is inside the budget; a sweep's runs count from their own start.
+    run.started_at = (job.launched or time.perf_counter()) - run.progress.elapsed_seconds
     log = open_metrics_log(run, total_steps, output_dir, resume_from, job.tensorboard) if dist.is_main else None
     interrupted_by = _guarded_loop(run, total_steps, output_dir, log, job.config_origin)
     return TrainResult(interrupted_by, wrote_files=dist.is_main, pruned=run.pruned)
@@ -177,7 +181,6 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
                config_origin: str = "") -> int | None:
     """Train until `total_steps`, early stopping or a stop request; returns the signal that stopped it, if any."""
     cfg, state = run.cfg, run.progress
-    run.started_at = time.perf_counter() - state.elapsed_seconds
     window = LogWindow(state.pending_losses, state.pending_norms)
     state.pending_losses, state.pending_norms = [], []
     planner = Planner(run, total_steps, config_origin)
@@ -201,7 +204,7 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
             planned, total_steps = total_steps, planner.after_step(loss)  # a time budget re-plans as it goes
             if total_steps != planned:
                 epoch_steps = min(run.steps_per_epoch, state.step_in_epoch + total_steps - state.step)
-                bar.set_total(epoch_steps)
+                bar.set_total(epoch_steps, f"Epoch {epoch}/{epochs_of(run, total_steps)}")
 
             last_in_epoch = state.step_in_epoch == epoch_steps
             eval_due = bool(cfg.eval_interval) and state.step % cfg.eval_interval == 0 and not last_in_epoch
@@ -264,7 +267,7 @@ def evaluate(run: Run, log: MetricsLog | None, output_dir: Path, mid_epoch: bool
     on_eval) says to stop. In the middle of an epoch the loss is printed here (end_epoch prints the epoch's)."""
     cfg, state = run.cfg, run.progress
     # A long validation text (--val-data, eval_batches 0) shows its own progress.
-    val_loss = estimate_loss(run.model, run.val_tokens, cfg.batch_size, run.device, run.amp,
+    val_loss = estimate_loss(run.model, run.val_tokens, run.eval_batch_size, run.device, run.amp,
                              cfg.eval_batches * cfg.batch_size, run.dist, progress=True)
     state.val_loss = val_loss
     improved = val_loss < state.best_val_loss
