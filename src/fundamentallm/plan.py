@@ -84,9 +84,10 @@ class Planner:
             self.timer = time.perf_counter()
         elif step == self.first_step + 1 + CALIBRATION_STEPS:
             loss.item()
-            self.last_check = (step, self.run.elapsed())
             seconds_per_step = (time.perf_counter() - self.timer) / CALIBRATION_STEPS
-            self.eval_steps = _time_evaluation(self.run) / seconds_per_step
+            if self.run.cfg.time_budget:  # only a budget needs to know
+                self.eval_steps = _time_evaluation(self.run) / seconds_per_step
+            self.last_check = (step, self.run.elapsed())  # the next pace is the steps' alone
             self.final_eval = self.eval_steps * seconds_per_step
             self._settle(seconds_per_step)
         elif self.run.cfg.time_budget and self.last_check is not None:
