@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,32 +28,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serve_load import start_server  # this file's folder is on sys.path when it runs as a script
+
+ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TASK = "fundamentallm_local_text"
 ROLLING = "fundamentallm_local_text_rolling"
-
-
-def start_server(checkpoint: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fundamentallm", "serve", str(checkpoint), "--port", "0",
-                                 "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"the server exited:\n{log.read_text()}")
-        found = re.search(r"http://127\.0\.0\.1:(\d+)/", log.read_text())
-        if found:
-            url = f"http://127.0.0.1:{found.group(1)}"
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5):
-                    return proc, url
-            except OSError:
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    sys.exit(f"the server did not start:\n{log.read_text()}")
 
 
 def documents(text: str, context: int) -> list[dict[str, str]]:
@@ -136,7 +117,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
-        proc, url = start_server(args.checkpoint, tmp_dir / "server.log")
+        proc, url = start_server(args.checkpoint, tmp_dir / "server.log", ROOT / "src", ["--device", "cpu"])
         try:
             with urllib.request.urlopen(url + "/tokenizer_info", timeout=60) as response:
                 context = json.load(response)["model_max_length"]

@@ -152,6 +152,6 @@ def in_private_tmpfs_or_none(script: str, mount_options: str, tmp: Path) -> subp
     fs.mkdir()
     wrapper = f'mount -t tmpfs -o {mount_options} tmpfs "$FS" || exit 77\n{script}'
     cmd = ["unshare", "--mount"] + (["--map-root-user"] if os.geteuid() != 0 else []) + ["sh", "-c", wrapper]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "FS": str(fs), "PY": sys.executable})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD,
+                            env={**subprocess_env(), "FS": str(fs), "PY": sys.executable})
     return None if result.returncode == 77 else result

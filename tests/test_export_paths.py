@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_clean_error, run_cli, snapshot, subprocess_env, wait_for
+from helpers import assert_clean_error, in_private_tmpfs_or_none, run_cli, snapshot, subprocess_env, wait_for
 
 pytest.importorskip("safetensors")
 
@@ -96,20 +96,6 @@ def test_a_symlinked_output_exports_into_its_target(model: Path, tmp_path: Path)
     assert sorted(p.name for p in real.iterdir()) == ["fundamentallm.json", "model.safetensors"]
 
 
-def _in_private_tmpfs(script: str, options: str, tmp: Path) -> subprocess.CompletedProcess | None:
-    """A shell script run with a fresh tmpfs mounted at $FS in a private mount namespace; None where this machine
-    does not let a test mount one (no unshare, no privileges)."""
-    if shutil.which("unshare") is None:
-        return None
-    fs = tmp / "fs"
-    fs.mkdir()
-    wrapper = f'mount -t tmpfs -o {options} tmpfs "$FS" || exit 77\n{script}'
-    cmd = ["unshare", "--mount"] + (["--map-root-user"] if os.geteuid() != 0 else []) + ["sh", "-c", wrapper]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env={**subprocess_env(), "FS": str(fs), "PY": sys.executable})
-    return None if result.returncode == 77 else result
-
-
 def test_a_full_disk_is_one_line_and_keeps_the_old_export(model: Path, tmp_path: Path) -> None:
     """60 KB hold a first safetensors export (about 50 KB), not a second beside it, nor the hf or ONNX export."""
     export_ = f'"$PY" -m fundamentallm export {model} -o "$FS/out"'
@@ -117,7 +103,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_export(model: Path, tmp_path:
               f'for f in safetensors hf onnx; do {export_} --format $f --overwrite 2>>"$FS/../err.txt"; '
               f'echo $? >>"$FS/../rc.txt"; done\n'
               f'ls -A "$FS" >"$FS/../left.txt"; ls -A "$FS/out" >"$FS/../kept.txt"')
-    result = _in_private_tmpfs(script, "size=60k", tmp_path)
+    result = in_private_tmpfs_or_none(script, "size=60k", tmp_path)
     if result is None:
         pytest.skip("this machine lets no test mount a tmpfs")
     assert result.returncode == 0, result.stderr
@@ -131,7 +117,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_export(model: Path, tmp_path:
 def test_a_read_only_file_system_is_named(model: Path, tmp_path: Path) -> None:
     script = (f'"$PY" -m fundamentallm export {model} -o "$FS/out" --format safetensors 2>/dev/null; '
               f'echo $? >"$FS/../rc.txt"; "$PY" -m fundamentallm export {model} -o "$FS/a/b" --format hf')
-    result = _in_private_tmpfs(script, "ro,size=1m", tmp_path)
+    result = in_private_tmpfs_or_none(script, "ro,size=1m", tmp_path)
     if result is None:
         pytest.skip("this machine lets no test mount a tmpfs")
     assert (tmp_path / "rc.txt").read_text().strip() == "2"
