@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import io
+import json
+import locale
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,11 +66,69 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1", **extra}
 
 
-def run_subprocess(*args: str | Path, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python -m fundamentallm ...` as a separate process, as a user would."""
+def run_started_subprocess(*args: str | Path, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m fundamentallm ...` in a process started from scratch (interpreter, imports and all)."""
     cmd = [sys.executable, "-m", "fundamentallm", *map(str, args)]
     kwargs.setdefault("env", subprocess_env())
     return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD, **kwargs)
+
+
+class _Launcher:
+    """tests/launcher.py, started on first use: forks a process of its own for each command."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("launcher.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8",
+                                     env=subprocess_env())
+        atexit.register(self.close)
+
+    def run(self, request: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline()
+        except BaseException:  # Ctrl-C while a command runs: the next command gets a new launcher
+            self.close()
+            raise
+        assert answer, f"tests/launcher.py ended (exit code {self.proc.wait()}); its error is above"
+        return json.loads(answer)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_launcher: _Launcher | None = None
+_launcher_lock = threading.Lock()
+
+
+def run_subprocess(*args: str | Path, env: dict[str, str] | None = None, input: str | None = None,
+                   errors: str = "strict") -> subprocess.CompletedProcess:
+    """Run `fundamentallm ...` as a separate process, as a user would: its own process, exit code, files and
+    streams, and a hang guard. The process is forked from tests/launcher.py, which has the package and torch loaded
+    already, so that it starts in milliseconds rather than seconds."""
+    global _launcher
+    arguments = [str(a) for a in args]
+    cmd = [sys.executable, "-m", "fundamentallm", *arguments]
+    with _launcher_lock, tempfile.TemporaryDirectory(prefix="fundamentallm-cmd-") as streams:
+        paths = {name: os.path.join(streams, name) for name in ("stdin", "stdout", "stderr")}
+        Path(paths["stdin"]).write_text(input or "", encoding="utf-8")
+        Path(paths["stdout"]).touch()
+        Path(paths["stderr"]).touch()
+        if _launcher is None or _launcher.proc.poll() is not None:
+            _launcher = _Launcher()
+        answer = _launcher.run({"args": arguments, "env": subprocess_env() if env is None else env,
+                                "cwd": os.getcwd(), "timeout": HANG_GUARD, **paths})
+        stdout, stderr = (_decoded(Path(paths[name]).read_bytes(), errors) for name in ("stdout", "stderr"))
+    if answer.get("timed_out"):
+        raise subprocess.TimeoutExpired(cmd, HANG_GUARD, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, answer["returncode"], stdout, stderr)
+
+
+def _decoded(data: bytes, errors: str) -> str:
+    """Bytes as subprocess.run(text=True) decodes them: the locale's encoding, universal newlines."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding=locale.getpreferredencoding(False), errors=errors).read()
 
 
 def wait_for(condition: Callable[[], object], proc: subprocess.Popen | None = None, what: str = "the condition",

@@ -11,7 +11,7 @@ import click
 import pytest
 import torch
 import yaml
-from helpers import ROOT, run_cli, run_subprocess, train_tiny
+from helpers import ROOT, run_cli, run_started_subprocess, train_tiny
 
 from fundamentallm.checkpoint import Checkpoint, DataInfo, TrainingProgress, load_model, write_checkpoint
 from fundamentallm.cli import cli
@@ -189,7 +189,7 @@ def test_generation_options(trained: tuple[Path, str]) -> None:
 
 
 def test_entry_points(tmp_path: Path) -> None:
-    result = run_subprocess("--help")
+    result = run_started_subprocess("--help")  # `python -m fundamentallm` itself
     assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout
     assert (ROOT / "pyproject.toml").read_text().count('fundamentallm = "fundamentallm.cli:main"') == 1
 
