@@ -69,7 +69,7 @@ def _reached_step(run: Path, step: int) -> bool:
 def test_signal_saves_interrupted_checkpoint_and_resume_is_exact(corpus: Path, tmp_path: Path, sig: int) -> None:
     run, straight = tmp_path / "run", tmp_path / "straight"
     # A log interval of 7: the signal lands inside a log window, whose losses the checkpoint must carry.
-    steps = ["--epochs", "20", "--set", "training.max_steps=400", "--set", "training.log_interval=7"]
+    steps = ["--epochs", "20", "--set", "training.max_steps=120", "--set", "training.log_interval=7"]
     proc = _start_training(corpus, run, *steps)
     freeze_when(proc, lambda: _reached_step(run, 30), "step 30")
     proc.send_signal(sig)
@@ -79,7 +79,7 @@ def test_signal_saves_interrupted_checkpoint_and_resume_is_exact(corpus: Path, t
     assert "Traceback" not in stderr
     assert "Resume with: fundamentallm train --resume auto -o" in stdout
     stopped_at = read_checkpoint(run / "interrupted.pt").progress.step
-    assert 30 <= stopped_at < 400
+    assert 30 <= stopped_at < 120
 
     resumed = run_cli("train", "--resume", "auto", "-o", run, "--device", "cpu")
     assert resumed.exit_code == 0, resumed.stderr

@@ -19,8 +19,10 @@ from fundamentallm.metrics import read_metrics
 pytest.importorskip("optuna")
 
 ALICE = ROOT / "examples" / "alice.txt"
-# Tiny runs with an evaluation every 5 steps, so that a trial has intermediate losses to be pruned on.
-BASE = ["--device", "cpu", *TINY_SETS, "--set", "training.eval_interval=5", "--set", "training.max_steps=20"]
+# Tiny runs (on conftest's corpus, 40,000 characters of alice.txt) with an evaluation every 5 steps, so that a
+# trial has intermediate losses to be pruned on, and no text sampled after each evaluation (not searched on).
+SEARCHED = ["--set", "training.eval_interval=5", "--set", "training.max_steps=20", "--set", "training.sample_tokens=0"]
+BASE = ["--device", "cpu", *TINY_SETS, *SEARCHED]
 
 
 @pytest.fixture(autouse=True)
@@ -42,11 +44,10 @@ def rows_of(out: Path) -> list[dict[str, str]]:
     return list(csv.DictReader((out / "results.csv").open()))
 
 
-def test_random_search_draws_from_ranges_and_ranks_the_trials(tmp_path: Path) -> None:
+def test_random_search_draws_from_ranges_and_ranks_the_trials(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "search"
-    base = ["--device", "cpu", *tiny_sets_without("model.num_layers", "model.dropout"),
-            "--set", "training.eval_interval=5", "--set", "training.max_steps=20"]
-    args = ["sweep", ALICE, *base, "--search", "random", "--trials", "3", "-o", out,
+    base = ["--device", "cpu", *tiny_sets_without("model.num_layers", "model.dropout"), *SEARCHED]
+    args = ["sweep", corpus, *base, "--search", "random", "--trials", "3", "-o", out,
             "--space", "training.learning_rate=log:1e-3:3e-2", "--space", "model.num_layers=int:1:2",
             "--space", "training.batch_size=4,8", "--space", "model.dropout=float:0:0.2"]
     result = run_cli(*args)
@@ -84,11 +85,11 @@ def test_random_search_draws_from_ranges_and_ranks_the_trials(tmp_path: Path) ->
     assert_clean_error(run_cli(*args, "--set", "model.d_ff=32"), "another command", "model.d_ff: 64 there, 32 now")
 
 
-def test_pruning_stops_hopeless_trials_early(tmp_path: Path) -> None:
+def test_pruning_stops_hopeless_trials_early(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "search"
     # A rate of 1e-6 barely moves the weights: such a trial is behind every 1e-2 trial at every evaluation, so
     # once the first two trials (which always run to the end) have set a median, the median rule stops it.
-    result = run_cli("sweep", ALICE, *BASE, "--set", "training.max_steps=30", "--search", "random", "--trials", "6",
+    result = run_cli("sweep", corpus, *BASE, "--set", "training.max_steps=30", "--search", "random", "--trials", "6",
                      "--prune", "--space", "training.learning_rate=1e-2,1e-6", "-o", out)
     assert result.exit_code == 0, result.stderr
     rows = rows_of(out)
@@ -104,9 +105,9 @@ def test_pruning_stops_hopeless_trials_early(tmp_path: Path) -> None:
     assert rows[0]["learning_rate"] == "1e-2"
 
 
-def test_an_interrupted_search_resumes_its_trial_and_keeps_the_study(tmp_path: Path) -> None:
+def test_an_interrupted_search_resumes_its_trial_and_keeps_the_study(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "search"
-    args = ["sweep", ALICE, *BASE, "--set", "training.max_steps=30", "--set", "training.batch_size=8",
+    args = ["sweep", corpus, *BASE, "--set", "training.max_steps=30", "--set", "training.batch_size=8",
             "--search", "tpe", "--trials", "3", "--space", "training.learning_rate=log:1e-3:1e-2", "-o", out]
     second = out / "trial-001"
     proc = subprocess.Popen([sys.executable, "-m", "fundamentallm", *map(str, args)], stdout=subprocess.PIPE,
