@@ -110,6 +110,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_export(model: Path, tmp_path:
     assert (tmp_path / "rc.txt").read_text().split() == ["1", "1", "1"]
     errors = (tmp_path / "err.txt").read_text().strip().splitlines()
     assert len(errors) == 3 and all(e.startswith("error: the disk is full while writing") for e in errors), errors
+    # The advice is an export's: the earlier export stays, free space or choose another -o (no --resume).
+    assert all(e.endswith("/out is kept as it was. Free some space or choose another -o, and export again")
+               for e in errors), errors
     assert (tmp_path / "left.txt").read_text().split() == ["out"]  # no hidden directory
     assert (tmp_path / "kept.txt").read_text().split() == ["fundamentallm.json", "model.safetensors"]
 

@@ -108,9 +108,22 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise failure from None
 
 
-def write_failure(exc: BaseException, path: Path) -> BaseException:
+# What a write failure's message says after naming the file: what is intact, and how to go on. A run's files stay
+# as they were, and the run continues from its last checkpoint; an export (publish_dir) keeps the directory it
+# would have replaced.
+RUN_FAILURE_ADVICE = ("earlier files are intact", "(or write elsewhere with -o); a training run continues with "
+                      "--resume auto")
+
+
+def export_failure_advice(out: Path) -> tuple[str, str]:
+    """RUN_FAILURE_ADVICE's counterpart for an export into directory `out`."""
+    return f"any earlier export in {out} is kept as it was", "or choose another -o, and export again"
+
+
+def write_failure(exc: BaseException, path: Path, advice: tuple[str, str] = RUN_FAILURE_ADVICE) -> BaseException:
     """The error to raise when writing `path` ended with `exc`: `exc` itself unless it is the file system's
-    (libraries written in Rust, such as safetensors, report a full disk as their own error, naming os error 28)."""
+    (libraries written in Rust, such as safetensors, report a full disk as their own error, naming os error 28).
+    `advice`: what the message says is intact, and how to go on (RUN_FAILURE_ADVICE, export_failure_advice)."""
     chain = [exc]
     while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
@@ -122,21 +135,20 @@ def write_failure(exc: BaseException, path: Path) -> BaseException:
     os_error = next((e for e in chain if isinstance(e, OSError)), None)
     if os_error is None and any("os error 28" in str(e) or "StorageFull" in str(e) for e in chain):
         os_error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    kept, go_on = advice
     if os_error is not None:
         if os_error.errno == errno.EROFS:
             return UserError(f"cannot write {path}: read-only file system")
         if isinstance(os_error, PermissionError):
             return UserError(f"cannot write {path}: permission denied")
-        return disk_full(os_error, path) or TrainingFailed(
-            f"writing {path} failed ({os_error.strerror or os_error}){_space_left(path)}; files written before "
-            f"it are intact. Fix the file system (or write elsewhere with -o); a training run continues with "
-            f"--resume auto")
+        return disk_full(os_error, path, advice) or TrainingFailed(
+            f"writing {path} failed ({os_error.strerror or os_error}){_space_left(path)}; {kept}. Fix the file "
+            f"system {go_on}")
     if isinstance(exc, RuntimeError):  # torch's writer, which reports a short write as "unexpected pos ..."
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         return TrainingFailed(
-            f"writing {path} failed ({detail}){_space_left(path)}; the disk is probably full. Files written before "
-            f"it are intact. Free some space (or write elsewhere with -o); a training run continues with "
-            f"--resume auto")
+            f"writing {path} failed ({detail}){_space_left(path)}, probably because the disk is full; {kept}. "
+            f"Free some space {go_on}")
     return exc
 
 
@@ -149,7 +161,7 @@ def _space_left(path: Path) -> str:
     return f" with {amount} free on that file system"
 
 
-def disk_full(exc: BaseException, path: Path) -> TrainingFailed | None:
+def disk_full(exc: BaseException, path: Path, advice: tuple[str, str] = RUN_FAILURE_ADVICE) -> TrainingFailed | None:
     """The error to report when `exc` means the disk (or the file size limit) is full while writing `path`."""
     # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."), with the OSError as its context.
     full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -159,8 +171,8 @@ def disk_full(exc: BaseException, path: Path) -> TrainingFailed | None:
     if cause is None:
         return None
     reason = "the file size limit was reached" if cause.errno == errno.EFBIG else "the disk is full"
-    return TrainingFailed(f"{reason} while writing {path}{_space_left(path)}; earlier files are intact. Free some "
-                          f"space (or write elsewhere with -o); a training run continues with --resume auto")
+    kept, go_on = advice
+    return TrainingFailed(f"{reason} while writing {path}{_space_left(path)}; {kept}. Free some space {go_on}")
 
 
 def why_unwritable(directory: Path) -> str | None:
@@ -286,7 +298,7 @@ def publish_dir(out: Path, write: Callable[[Path], None]) -> None:
         tmp.mkdir()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise write_failure(exc, out) from None
+            raise write_failure(exc, out, export_failure_advice(out)) from None
         reason = "read-only file system" if exc.errno == errno.EROFS else \
             "permission denied" if isinstance(exc, PermissionError) else exc.strerror
         raise UserError(f"cannot write to {parent}: {reason}; choose another place to write (-o)") from None
@@ -303,7 +315,7 @@ def publish_dir(out: Path, write: Callable[[Path], None]) -> None:
             tmp.rename(out)
             _fsync_directory(parent)
     except BaseException as exc:
-        failure = write_failure(exc, out)
+        failure = write_failure(exc, out, export_failure_advice(out))
         if failure is exc:
             raise
         raise failure from None
