@@ -1,5 +1,6 @@
-"""DATA in other formats: JSON Lines (also .gz, .xz, .zst), CSV and Parquet files give the text of one field per
-record; bad records are named by file and line (or row), or counted and skipped."""
+"""DATA in other formats: JSON Lines (also .gz, .xz, .zst), JSON arrays, CSV, TSV and Parquet files give the text of
+one field per record (a dotted path reaches into nested records); bad records are named by file and line (or row,
+or item), or counted and skipped."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import pytest
 import zstandard
 from helpers import TINY, assert_clean_error, run_cli, train_tiny
 
+from fundamentallm import records
 from fundamentallm.data import prepare_tokens
-from fundamentallm.records import RecordFormat
+from fundamentallm.records import RecordFormat, Skipped, read_records
 
 SEP = "\n\n"  # data.record_separator's default
 
@@ -40,16 +42,22 @@ def _write(path: Path, documents: list[str]) -> Path:
     name = path.name
     if name.endswith(".parquet"):
         pq.write_table(pa.table({"id": list(range(len(documents))), "text": documents}), path, row_group_size=7)
-    elif name.endswith(".csv"):
+    elif name.endswith((".csv", ".tsv")):
         with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+            writer = csv.writer(f, delimiter="\t" if name.endswith(".tsv") else ",")
             writer.writerow(["id", "text", "n"])
             writer.writerows([i, d, len(d)] for i, d in enumerate(documents))
     else:
-        data = _jsonl_bytes(documents) if ".jsonl" in name else "".join(d + SEP for d in documents).encode()
+        data = _jsonl_bytes(documents) if ".jsonl" in name else _json_bytes(documents) if ".json" in name else \
+            "".join(d + SEP for d in documents).encode()
         compress = {".gz": gzip.compress, ".xz": lzma.compress, ".zst": zstandard.ZstdCompressor().compress}
         path.write_bytes(next((f(data) for suffix, f in compress.items() if name.endswith(suffix)), data))
     return path
+
+
+def _json_bytes(documents: list[str]) -> bytes:
+    """One JSON array of records, an item per line or more (indented), as JSON tools write it."""
+    return json.dumps([{"id": i, "text": d, "n": len(d)} for i, d in enumerate(documents)], indent=1).encode()
 
 
 def _read(paths: list[Path], fmt: RecordFormat | None = None, split: float = 0.1) -> str:
@@ -84,11 +92,12 @@ def test_directories_mix_formats(documents: list[str], tmp_path: Path) -> None:
     _write(corpus / "c.csv", documents[6:9])
     _write(corpus / "d.parquet", documents[9:12])
     _write(corpus / "shard" / "e.jsonl.zst", documents[12:15])
+    _write(corpus / "f.tsv", documents[15:18])
     (corpus / "notes.md").write_text("not data")
-    (corpus / "table.tsv").write_text("not data either")
+    (corpus / "dataset_info.json").write_text('{"description": "a dataset\'s metadata, no records"}')
     data = prepare_tokens([corpus], 0.1)
-    assert [f.name for f in data.files] == ["a.txt", "b.jsonl", "c.csv", "d.parquet", "e.jsonl.zst"]
-    assert _read([corpus]) == "".join(d + SEP for d in documents[:15])
+    assert [f.name for f in data.files] == ["a.txt", "b.jsonl", "c.csv", "d.parquet", "f.tsv", "e.jsonl.zst"]
+    assert _read([corpus]) == "".join(d + SEP for d in documents[:12] + documents[15:18] + documents[12:15])
 
 
 def test_text_field_and_separator_choose_the_text_and_key_the_cache(tmp_path: Path) -> None:
@@ -147,6 +156,49 @@ def test_evaluate_reads_a_jsonl_as_its_text(tmp_path: Path, documents: list[str]
     assert scores[1]["loss_per_token"] == pytest.approx(scores[0]["loss_per_token"], abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["docs.tsv", "docs.json", "docs.json.xz"])
+def test_tsv_and_json_arrays_give_the_text_of_their_records(name: str, documents: list[str], tmp_path: Path) -> None:
+    plain = _write(tmp_path / "same.txt", documents)
+    assert _read([_write(tmp_path / name, documents)]) == plain.read_text(encoding="utf-8")
+
+
+def test_a_json_array_is_read_item_by_item(documents: list[str], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items cut by the end of what was read are parsed again with more: with reads of a few bytes, and items
+    far longer than one read, the text is the same; so is an array of strings (each a document)."""
+    long = [*documents, "x" * 5_000, "\\u escapes: caf\u00e9 \U0001f600"]
+    plain = "".join(d + SEP for d in long)
+    records_file = tmp_path / "docs.json"
+    records_file.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": d, "n": 12345678} for d in long]).encode())
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps(long, indent=2, ensure_ascii=False), encoding="utf-8")
+    for size in (7, 1 << 20):
+        monkeypatch.setattr(records, "_JSON_READ", size)
+        for path in (records_file, strings):
+            assert "".join(read_records(path, RecordFormat(), Skipped())) == plain, (size, path.name)
+
+
+def test_dotted_text_fields_reach_into_nested_records(tmp_path: Path) -> None:
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text('{"meta": {"body": "one", "title": "T1"}}\n{"meta.body": "two", "meta": {"body": "not me"}}\n'
+                      '{"meta": {"turns": [{"text": "a"}, {"text": "three"}], "body": "four"}}\n')
+    assert _read([nested], RecordFormat("meta.body", "|")) == "one|two|four|"
+    assert _read([nested], RecordFormat("meta.turns.1.text", "|", skip_bad=True)) == "three|"
+    struct = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "meta": [{"body": "p1", "n": 1}, {"body": "p2", "n": 2}]}), struct)
+    assert _read([struct], RecordFormat("meta.body", "|")) == "p1|p2|"
+    dotted = tmp_path / "dotted.tsv"
+    dotted.write_text("id\tmeta.body\n1\tcolumn named with a dot\n")
+    assert _read([dotted], RecordFormat("meta.body", "|")) == "column named with a dot|"
+    # The field is part of the cache key: another path, another entry.
+    assert prepare_tokens([nested], 0.5, fmt=RecordFormat("meta.body")).fingerprint != \
+        prepare_tokens([nested], 0.5, fmt=RecordFormat("meta.title", skip_bad=True)).fingerprint
+    # Through the real CLI, on a .json array of nested records.
+    posts = tmp_path / "posts.json"
+    posts.write_text(json.dumps([{"meta": {"body": f"post number {i} says hello. " * 8}} for i in range(40)]))
+    train_tiny(posts, tmp_path / "run", "--max-steps", "2", "--text-field", "meta.body")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad records: one line naming the file and the line or row; --skip-bad-records counts them instead
 
@@ -192,6 +244,39 @@ def test_bad_csv_is_named(tmp_path: Path, content: str, message: str) -> None:
     assert_clean_error(run_cli("train", path, "-o", tmp_path / "run", *TINY), message)
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"text": "one object"}', "bad.json holds a JSON object, not an array of records"),
+    ('{"text": "a"}\n{"text": "b"}\n', "name a file of one object per line .jsonl"),
+    ("plain text", "bad.json holds no JSON (it does not start with '[')"),
+    ('[\n {"text": "fine text here"},\n {"text": "x" "y"}\n]', "bad.json is not valid JSON at line 3, column 15"),
+    ('[\n {"text": "fine text here"},\n {"text": "cut sh', "bad.json is not valid JSON at line 3"),
+    ('[{"text": "fine text here"}] [', "more after the array's end"),
+    ('[{"text": "fine text here"},\n 42]', "bad.json, item 1 (counting from 0, line 2): a number, not an object"),
+    ('[{"meta": {"body": "fine text here"}},\n{"meta": {"title": "x"}}]',
+     "bad.json, item 1 (counting from 0, line 2): no field 'meta.body' ('meta' has no field 'body'; its fields: "
+     "title)"),
+])
+def test_bad_json_is_named(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    field = ["--text-field", "meta.body"] if "meta.body" in message else []
+    result = run_cli("train", path, "-o", tmp_path / "run", *TINY, *field)
+    assert_clean_error(result, message)
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_bad_tsv_and_json_items_are_skipped_on_request(tmp_path: Path) -> None:
+    array = tmp_path / "some.json"
+    array.write_text('[{"text": "kept one"}, {"title": "no text"}, null, "kept two", {"text": 3}]')
+    skipped = Skipped()
+    assert "".join(read_records(array, RecordFormat(skip_bad=True), skipped)) == f"kept one{SEP}kept two{SEP}"
+    assert skipped.report() == [f"Skipped 3 bad records in {array} (first: item 1 (counting from 0, line 1), no "
+                                f"field 'text' (its fields: title); choose the field with --text-field)"]
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text('id\ttext\n1\tfine text here\n2\t"a"b\n')
+    assert_clean_error(run_cli("train", tsv, "-o", tmp_path / "run", *TINY), "bad.tsv, line 3: not valid TSV")
+
+
 def _damaged_row_group(path: Path, group: int) -> Path:
     """A Parquet file whose footer is whole but one row group's text pages are overwritten."""
     column = pq.ParquetFile(path).metadata.row_group(group).column(1)
@@ -218,6 +303,8 @@ def test_bad_parquet_is_named(tmp_path: Path, documents: list[str]) -> None:
                        "column 'text' of", "holds int64, not strings")
     assert_clean_error(run_cli("train", numbers, "-o", tmp_path / "c", *TINY, "--text-field", "title"),
                        "has no column 'title' (its columns: text, body)")
+    assert_clean_error(run_cli("train", numbers, "-o", tmp_path / "c", *TINY, "--text-field", "body.inner"),
+                       "has no column 'body.inner' ('body' has no field 'inner'; it holds string)")
     damaged = _damaged_row_group(path, 1)
     assert_clean_error(run_cli("train", damaged, "-o", tmp_path / "d", *TINY),
                        "docs.parquet, rows 7 to 13 (row group 1, counting from 0): cannot be read")
@@ -266,3 +353,4 @@ def test_missing_library_names_the_extra(tmp_path: Path, documents: list[str], m
     path = _write(tmp_path / name, documents)
     monkeypatch.setitem(sys.modules, module, None)  # as if the library were not installed
     assert_clean_error(run_cli("train", path, "-o", tmp_path / "run", *TINY), f"pip install '{extra}'")
+

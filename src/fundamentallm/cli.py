@@ -197,7 +197,7 @@ def _click_type(key: str, field: Any) -> click.ParamType:
 
 
 def _record_options() -> Any:
-    """--text-field and --skip-bad-records: how JSON Lines, CSV and Parquet files give their text."""
+    """--text-field and --skip-bad-records: how record files (JSON Lines, JSON, CSV, TSV, Parquet) give their text."""
     def add(function: Any) -> Any:
         function = _key_option("data.skip_bad_records", "--skip-bad-records")(function)
         return _key_option("data.text_field", "--text-field", type=str, metavar="NAME")(function)
@@ -319,7 +319,7 @@ def train(data: tuple[str, ...], config_name: str | None, learning_rate: str | N
           seed: int | None, device: str, output_dir: Path, assignments: tuple[str, ...], resume: str | None,
           overwrite: bool, init_from: str | None, extend_vocab: bool, val_data: tuple[str, ...],
           text_field: str | None, skip_bad_records: bool | None, tensorboard: bool) -> None:
-    """Train a model on DATA: text, JSON Lines, CSV or Parquet files, or directories of them."""
+    """Train a model on DATA: text, JSON Lines, JSON, CSV, TSV or Parquet files, or directories of them."""
     from fundamentallm.plot import plot_finished_run
     from fundamentallm.train import train as run_training
     from fundamentallm.train import train_job
@@ -440,8 +440,9 @@ def generate(checkpoint: Path, prompt: str | None, max_tokens: int, temperature:
               help="Score under the training's autocast (bf16 where it trained in bf16) instead of float32.")
 @_strict_option()
 @click.option("--text-field", metavar="NAME",
-              help="JSON Lines, CSV and Parquet files in DATA: the field (column) that holds the text. Default: the "
-                   "one the model's run read (its data.text_field).")
+              help="Record files in DATA (JSON Lines, JSON, CSV, TSV, Parquet): the field (column) that holds the "
+                   "text; a dotted path reaches into nested records (meta.body). Default: the one the model's run "
+                   "read (its data.text_field).")
 @click.option("--skip-bad-records", is_flag=True,
               help="Count and skip records of DATA that give no text instead of stopping at the first.")
 @_device_option()

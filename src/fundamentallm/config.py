@@ -168,8 +168,9 @@ class DataConfig(_Section):
         description="char only: characters seen fewer times in the training text map to the unknown token")
     text_field: str = Field(
         "text", min_length=1, max_length=1000,
-        description="JSON Lines, CSV and Parquet files: the field (column) of each record that holds its text; the "
-                    "other fields are ignored")
+        description="record files (JSON Lines, JSON, CSV, TSV, Parquet): the field (column) of each record that "
+                    "holds its text; the other fields are ignored. A dotted path reaches into nested records "
+                    "(meta.body: the field body of the field meta), unless a field has that name itself")
     record_separator: str = Field(
         "\n\n", max_length=1000,
         description="written after each record's text, so that records (documents) stay apart; the default is a "

@@ -2,7 +2,7 @@
 
     DATA paths -> data files (directories expanded; .gz/.xz/.zst read transparently)
                -> text chunks: strict UTF-8 in char-aligned chunks (errors name the file and byte offset), or the
-                  text field of each record of JSON Lines, CSV and Parquet files (records.py)
+                  text field of each record of JSON Lines, JSON, CSV, TSV and Parquet files (records.py)
                -> train / validation split by position of the characters (or --val-data files)
                -> tokenizer (char, byte or BPE) fitted on the training part -> token cache on disk (memory-mapped)
                -> random windows of sequence_length + 1 tokens
@@ -67,7 +67,7 @@ _COPY_TOKENS = 16 << 20  # slice size when copying tokens to a device
 
 def find_data_files(paths: list[str | Path]) -> list[Path]:
     """Expand DATA arguments: files are taken as given, directories contribute their data files (recursively):
-    text, JSON Lines and CSV (each also compressed) and Parquet."""
+    text, JSON Lines, CSV and TSV (each also compressed) and Parquet (not .json: see records.DATA_SUFFIXES)."""
     if not paths:
         raise UserError("no DATA given: pass a text file, several files, or a directory of .txt files")
     files: list[Path] = []
@@ -76,9 +76,9 @@ def find_data_files(paths: list[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
             if not found:
-                raise UserError(f"directory {path} holds no data files (.txt, .jsonl, .csv, .parquet, and .gz, .xz "
-                                f"or .zst compressed text, JSON Lines and CSV); point DATA at a file or a folder "
-                                f"of them")
+                raise UserError(f"directory {path} holds no data files (.txt, .jsonl, .csv, .tsv, .parquet, and .gz, "
+                                f".xz or .zst compressed ones; a .json file is read when named); point DATA at a "
+                                f"file or a folder of them")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -323,7 +323,7 @@ def prepare_tokens(
 ) -> TokenData:
     """Tokenize DATA (or reuse the cached tokens) and split it into train and validation: by position (the last
     `validation_split` of the characters validate), or, with `val_paths`, training on DATA and validating on those.
-    `fmt` says how JSON Lines, CSV and Parquet files give their text."""
+    `fmt` says how record files (JSON Lines, JSON, CSV, TSV, Parquet) give their text."""
     fmt = fmt or RecordFormat()
     files = find_data_files(paths)
     val_files = find_data_files(val_paths) if val_paths else []
