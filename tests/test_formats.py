@@ -354,3 +354,19 @@ def test_missing_library_names_the_extra(tmp_path: Path, documents: list[str], m
     monkeypatch.setitem(sys.modules, module, None)  # as if the library were not installed
     assert_clean_error(run_cli("train", path, "-o", tmp_path / "run", *TINY), f"pip install '{extra}'")
 
+
+def test_a_run_that_trained_on_a_record_file_as_text_is_refused_with_the_reason(tmp_path: Path,
+                                                                                documents: list[str]) -> None:
+    """Before record files were read by field, a .jsonl (or .json, .csv, .tsv) file trained as its raw text, and the
+    run recorded that text's key, which does not depend on the file's name: a .txt file of the same bytes makes
+    such a run. Resuming it on the record file now gives other text, or none: either way one line says why."""
+    raw = tmp_path / "old.txt"
+    raw.write_bytes(_jsonl_bytes(documents[:30]))
+    train_tiny(raw, tmp_path / "run", "--max-steps", "2")
+    for name in ("docs.jsonl", "docs.json"):  # records with the field; a .json that is no array of records
+        path = tmp_path / name
+        path.write_bytes(raw.read_bytes())
+        result = run_cli("train", path, "-o", tmp_path / "run", *TINY, "--resume", "auto", "--max-steps", "3")
+        assert_clean_error(result, f"it trained on the raw text of {path} (its JSON syntax and all)",
+                           "now read as records", "another directory (-o)", "--text-field")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

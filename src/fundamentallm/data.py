@@ -193,15 +193,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "fundamentallm" / "tokens"
 
 
-def _file_kind(path: Path) -> str:
+def _file_kind(path: Path, as_text: bool = False) -> str:
     """A file's format and compression, as the cache key frames it (text files: the compression alone, as
     before other formats existed, so that their keys stay the same)."""
     kind = compression(path)
-    return kind if file_format(path) == TEXT else f"{file_format(path)}-{kind}"
+    return kind if as_text or file_format(path) == TEXT else f"{file_format(path)}-{kind}"
 
 
 def _fingerprint(files: list[Path], val_files: list[Path], validation_split: float,
-                 settings: TokenizerSettings, fmt: RecordFormat) -> str:
+                 settings: TokenizerSettings, fmt: RecordFormat, as_text: bool = False) -> str:
     """Hash of every file's bytes as stored on disk, plus the split and tokenizer settings.
 
     Compressed files are hashed as they are stored, not decompressed: the key still changes whenever the text
@@ -210,6 +210,7 @@ def _fingerprint(files: list[Path], val_files: list[Path], validation_split: flo
     A character model split by position keeps the key it had before other tokenizers existed, so that runs
     trained then still resume and find their validation split. Record files add how their text is taken (the
     field, the separator, whether bad records are skipped), so that changing any of it re-tokenizes.
+    `as_text`: the key every file had when all were read as plain text (see text_fingerprint).
     """
     digest = hashlib.blake2b(digest_size=16)
     key: dict = {"format": KEY_FORMAT, "validation_split": None if val_files else validation_split,
@@ -219,7 +220,7 @@ def _fingerprint(files: list[Path], val_files: list[Path], validation_split: flo
     if settings.given:
         key.update(given=hashlib.sha256(settings.given.encode()).hexdigest())
     all_files = [*files, *val_files]
-    if any(file_format(path) != TEXT for path in all_files):
+    if not as_text and any(file_format(path) != TEXT for path in all_files):
         key.update(text_field=fmt.text_field, record_separator=fmt.separator, skip_bad_records=fmt.skip_bad)
     digest.update(json.dumps(key).encode())
     sizes = [_file_size(path) for path in all_files]
@@ -229,7 +230,7 @@ def _fingerprint(files: list[Path], val_files: list[Path], validation_split: flo
         if index == len(files):
             digest.update(b"\x00validation\x00")  # the same files as DATA or as --val-data are different data
         # Kind and size frame each file, so that no two different file lists can feed the same byte stream.
-        digest.update(f"\x00file\x00{_file_kind(path)}\x00{size}\x00".encode())
+        digest.update(f"\x00file\x00{_file_kind(path, as_text)}\x00{size}\x00".encode())
         try:
             with open_regular(path, "data file") as f:
                 while block := f.read(CHUNK_BYTES):
@@ -361,6 +362,14 @@ def prepare_data(config: Config, paths: list[str | Path], val_paths: list[str | 
     return prepare_tokens(paths, config.training.validation_split, config.data.min_char_frequency, cache_dir,
                           tokenizer=config.data.tokenizer, vocab_size=config.data.vocab_size, val_paths=val_paths,
                           given=given, fmt=record_format(config))
+
+
+def text_fingerprint(config: Config, paths: list[str | Path], val_paths: list[str | Path] | None = None) -> str:
+    """The key (TokenData.fingerprint) that DATA had when every file was read as plain text, record files too:
+    what a run trained on a .jsonl, .json, .csv or .tsv file before they were read as records recorded."""
+    files, val_files = find_data_files(paths), find_data_files(val_paths) if val_paths else []
+    settings = TokenizerSettings(config.data.tokenizer, config.data.vocab_size, config.data.min_char_frequency)
+    return _fingerprint(files, val_files, config.training.validation_split, settings, RecordFormat(), as_text=True)
 
 
 def record_format(config: Config) -> RecordFormat:

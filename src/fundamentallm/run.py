@@ -35,7 +35,7 @@ from fundamentallm.device import (
 from fundamentallm.errors import UserError
 from fundamentallm.model import GPT
 from fundamentallm.optim import Optimizer, make_optimizer
-from fundamentallm.resume import check_resume_compatible, restore_run
+from fundamentallm.resume import check_not_trained_as_text, check_resume_compatible, restore_run
 from fundamentallm.tokenizer import CharTokenizer, Tokenizer
 
 EVAL_BATCHES = 4  # on a CPU, an evaluation pass takes up to this many training batches of windows ...
@@ -142,7 +142,12 @@ def setup_run(config: Config, data_paths: list[str], device: torch.device,
     """Data, model, optimizer, precision, gradient scaler and sampler on `device`; restored from `resume`, or
     starting from the weights of `init`, when given; wrapped for DDP and torch.compile last."""
     cfg = config.training
-    data = load_data(config, data_paths, dist, val_paths, init.tokenizer if init else None)
+    try:
+        data = load_data(config, data_paths, dist, val_paths, init.tokenizer if init else None)
+    except UserError as exc:
+        if resume is not None and not isinstance(exc, distributed.PeerFailed):
+            check_not_trained_as_text(resume, config, data_paths, val_paths)  # record files it trained on as text
+        raise
     with distributed.collectively(dist):
         if resume is not None:
             check_resume_compatible(resume, config, data)
