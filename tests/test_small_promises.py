@@ -130,3 +130,24 @@ def test_an_unexportable_tokenizer_names_the_format_that_works() -> None:
         tokenizers_tokenizer({"type": "future-kind"})
 
 
+
+
+def test_serve_leaves_a_core_to_its_http_layer_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve's default torch threads are the cores less one (at least one); --threads and OMP_NUM_THREADS win."""
+    from fundamentallm.device import set_threads
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        set_threads(None, spare_cores=1)
+        assert torch.get_num_threads() == max(1, cores - 1)
+        set_threads(3, spare_cores=1)
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        set_threads(None, spare_cores=1)
+        assert torch.get_num_threads() == 3  # PyTorch follows the variable itself
+    finally:
+        torch.set_num_threads(before)
+    help_text = run_cli("serve", "--help").stdout
+    assert "less 1 (at least 1)" in " ".join(help_text.split())

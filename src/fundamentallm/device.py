@@ -69,14 +69,14 @@ def _cpu_has_native_bf16() -> bool:
     return bool(probe()) if probe is not None else False
 
 
-def set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None, spare_cores: int = 0) -> None:
     """CPU threads for PyTorch: as asked, else the cores this process may use (its CPU affinity, which on a
-    shared or containerised machine can be fewer than the machine has). OMP_NUM_THREADS, when set, is the
-    default instead: PyTorch already follows it."""
+    shared or containerised machine can be fewer than the machine has) less `spare_cores` (at least one).
+    OMP_NUM_THREADS, when set, is the default instead: PyTorch already follows it."""
     if threads is None:
         if os.environ.get("OMP_NUM_THREADS"):
             return
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, _cores() - spare_cores)
     torch.set_num_threads(threads)
 
 
