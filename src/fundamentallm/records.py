@@ -230,7 +230,7 @@ def _json_text(raw: bytes, number: int, text_field: str) -> str | _BadRecord:
     return text
 
 
-def field_value(record: dict, name: str) -> Any:
+def _field_value(record: dict, name: str) -> Any:
     """The value of field `name` of a record: record[name] when the record has that key (a key may hold dots),
     else the value at the dotted path `name` ("meta.body": record["meta"]["body"]; a number picks an array's item:
     "turns.0.text"); _MISSING when there is none."""
@@ -251,12 +251,12 @@ def _no_field(record: dict, name: str) -> str:
     """Why a record has no field `name`: the fields it has, or where a dotted path stops."""
     parts = name.split(".")
     depth = 1  # the first `depth - 1` parts of the path reach a value, the first `depth` do not
-    while depth < len(parts) and field_value(record, ".".join(parts[:depth])) is not _MISSING:
+    while depth < len(parts) and _field_value(record, ".".join(parts[:depth])) is not _MISSING:
         depth += 1
     if depth == 1:
         return f"no field '{name}' (its fields: {_some(list(record))}); choose the field with --text-field"
     stop = ".".join(parts[:depth - 1])
-    inner = field_value(record, stop)
+    inner = _field_value(record, stop)
     has = f"its fields: {_some(list(inner))}" if isinstance(inner, dict) else \
         f"it is an array of {len(inner):,} items" if isinstance(inner, list) else f"it is {_json_type(inner)}"
     return f"no field '{name}' ('{stop}' has no field '{parts[depth - 1]}'; {has}); choose the field with --text-field"
@@ -265,7 +265,7 @@ def _no_field(record: dict, name: str) -> str:
 def _record_text(record: dict, text_field: str, escaped: bool) -> str | _BadRecord:
     """A record's text, or why it has none (a _BadRecord whose `where` the caller fills in). `escaped`: the
     record's JSON holds a \\u escape, so the text may hold a lone surrogate."""
-    text = field_value(record, text_field)
+    text = _field_value(record, text_field)
     if text is _MISSING:
         return _BadRecord("", _no_field(record, text_field))
     if not isinstance(text, str):
