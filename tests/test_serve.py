@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import openai
@@ -44,7 +45,8 @@ class Server:
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fundamentallm", "serve", str(checkpoint), "--port", "0", "--device", "cpu",
-                 *args], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                 *args], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                start_new_session=True)  # its own process group, as a terminal gives a command
         self.port = self._wait_ready()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -321,13 +323,66 @@ def test_a_request_that_can_never_fit_and_ctrl_c_while_streaming(checkpoint: Pat
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
         answer = client.completions.create(model="m", prompt="Alice", max_tokens=4096, stream=True)
         next(iter(answer))
-        server.proc.send_signal(signal.SIGINT)
+        engine = children(server.proc.pid)
+        os.killpg(server.proc.pid, signal.SIGINT)  # as a terminal sends it: to the server and its engine process
         assert server.proc.wait(timeout=120) == -signal.SIGINT
         answer.close()
     finally:
         server.stop()
     log = (tmp_path / "server.log").read_text()
     assert "Traceback" not in log and "Finished server process" in log, log
+    assert engine and all(wait_gone(pid) for pid in engine), "the engine's process outlived the server"
+
+
+def children(pid: int, engine_only: bool = False) -> list[int]:
+    """The processes whose parent is `pid`: the server's engine process (and Python's resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == pid and (b"spawn_main" in command or not engine_only):
+                found.append(int(stat.parent.name))
+    return found
+
+
+def wait_gone(pid: int, deadline: float = 120) -> bool:
+    """Whether process `pid` ends (or is only a zombie) within `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_engine_process_ending_stops_the_server_cleanly(checkpoint: Path, tmp_path: Path) -> None:
+    """Killed (say, for want of memory): its requests end with an error, the server exits 1 with one line; and a
+    server killed outright takes its engine process with it."""
+    server = Server(checkpoint, tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.completions.create(model="m", prompt="Alice", max_tokens=4096, stream=True)
+        next(iter(answer))
+        [engine] = children(server.proc.pid, engine_only=True)
+        os.kill(engine, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine process ended unexpectedly"):
+            list(answer)
+        assert server.proc.wait(timeout=120) == 1
+    finally:
+        server.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log, log
+    assert "error: the engine process ended unexpectedly (exit code -9: killed, perhaps for want of memory); " \
+           "the server stopped" in log, log
+    server = Server(checkpoint, tmp_path / "again.log")
+    [engine] = children(server.proc.pid, engine_only=True)
+    server.proc.kill()
+    server.proc.wait()
+    assert wait_gone(engine), "the engine's process outlived the server"
 
 
 def test_playground_streams_into_the_page(server: Server, client: openai.OpenAI) -> None:

@@ -1,17 +1,19 @@
-"""The serving engine: continuous batching of every running request in one worker thread.
+"""The serving engine: continuous batching of every running request in one worker thread (of the engine's own
+process, `engine_process.py`).
 
 Each step advances all running requests together by one token: one forward pass over a `generate.DecodeBatch`,
 whose KV cache holds each request in a row of its own length. Requests join (their prompt's forward pass) and
 leave (finished, stopped or cancelled) between steps, so a new request starts at the next step and a long one
 never holds up a short one. Requests beyond `slots` wait in a queue.
 
-Each request samples with its own generator, seeded from its `seed`: served alone it gets exactly the tokens
+Each request samples with its own generator, made from its `seed` when it joins: served alone it gets exactly the tokens
 `fundamentallm generate --seed` prints (the same code path). In company its scores differ from alone only in
 float rounding (within 1e-4), which can, rarely, change a sampled token.
 
 For every token the engine reports a `TokenEvent` (the text it releases through the request's `TextStream`, the
-token, its log-probability at temperature 1 and the best alternatives), and at the end one `FinishEvent`.
-Only the worker thread touches the model.
+token, its log-probability at temperature 1 and the best alternatives), and at the end one `FinishEvent`; after
+each step it calls `after_step` (which sends the step's events on, all in one message). Only the worker thread
+decodes. How many requests may wait is the caller's to decide (`engine_process.EngineProcess.submit`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fundamentallm.console import info, warn
+from fundamentallm.console import warn
 from fundamentallm.generate import OVERFLOW, DecodeBatch, Sampled, Sampling, TextStream
 from fundamentallm.model import GPT
 from fundamentallm.tokenizer import Tokenizer
-
-QUEUE_PER_SLOT = 4  # waiting requests allowed per slot before the server answers 503
 
 
 @dataclass
@@ -62,29 +62,22 @@ class Job:
     prompt: list[int]  # token ids; must leave room in the context for one more
     max_tokens: int
     sampling: Sampling
-    generator: torch.Generator | None
+    seed: int | None  # None: a random one
     stops: list[str]
     emit: Emit  # called from the worker thread, as emit(index, event)
+    ident: int = -1  # the server's id for it (engine_process.py)
     generated: int = 0
     cancelled: bool = False
     finished: bool = False  # its FinishEvent was sent
     stream: TextStream | None = None  # set when the job starts
 
 
-class QueueFull(Exception):
-    """A request the queue cannot take: now (`never` False: retry later), or ever (`never` True)."""
-
-    def __init__(self, message: str, never: bool) -> None:
-        super().__init__(message)
-        self.never = never
-
-
 class Engine:
     """Runs jobs in one thread, all running ones advanced together by one batched forward pass per step."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int, log: Callable[[str], None] = info) -> None:
-        self.model, self.tokenizer, self.slots, self._log = model, tokenizer, slots, log
-        self.queue_limit = QUEUE_PER_SLOT * slots
+    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int,
+                 after_step: Callable[[], None] = lambda: None) -> None:
+        self.model, self.tokenizer, self.slots, self._after_step = model, tokenizer, slots, after_step
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []  # job i decodes in row i of the batch
         self._batch = DecodeBatch(model, slots)
@@ -108,29 +101,18 @@ class Engine:
                     "tokens_generated": self.tokens_generated}
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue a request's jobs, all or none."""
+        """Queue a request's jobs."""
         with self._cond:
-            if len(jobs) > self.queue_limit:
-                raise QueueFull(f"n: this request asks for {len(jobs)} completions, but this server queues at most "
-                                f"{self.queue_limit} ({QUEUE_PER_SLOT} per slot, --slots {self.slots}); ask for "
-                                f"fewer (prompts x n), or start the server with more --slots", never=True)
-            if len(self._waiting) + len(jobs) > self.queue_limit:
-                raise QueueFull("the server is busy: too many requests are waiting; retry later", never=False)
             self._waiting.extend(jobs)
             self._cond.notify()
 
     def cancel(self, jobs: list[Job]) -> None:
-        """Stop these jobs (a request's, when it ends): waiting ones leave the queue now, running ones at the next
-        step. A request cut short (its client went away, or shutdown did not wait) is one line in the log."""
+        """Stop these jobs: waiting ones leave the queue now, running ones at the next step (without events)."""
         with self._cond:
-            unfinished = [job for job in jobs if not job.finished]
             for job in jobs:
                 job.cancelled = True
                 if job in self._waiting:
                     self._waiting.remove(job)
-        if unfinished:
-            self._log(f"a request was cancelled before its end (its client went away): {len(unfinished)} of its "
-                      f"{len(jobs)} completions unfinished, {sum(job.generated for job in jobs)} tokens generated")
 
     def _run(self) -> None:
         while True:
@@ -147,13 +129,16 @@ class Engine:
             except Exception as exc:  # a bug, not a client's fault: end these jobs, keep serving the next ones
                 traceback.print_exc()
                 self._fail_all(joining, f"error: {type(exc).__name__}: {exc}")
+            self._after_step()
 
     def _step(self, joining: list[Job]) -> None:
         """Admit the joining jobs, sample every running job's next token, report it, drop finished jobs and run
         the forward pass of the next step."""
         for job in joining:
             job.stream = TextStream(self.tokenizer, job.stops)
-            self._batch.add(job.prompt, job.sampling, job.generator)
+            generator = torch.Generator(self._batch.device)
+            generator.seed() if job.seed is None else generator.manual_seed(job.seed)
+            self._batch.add(job.prompt, job.sampling, generator)
             with self._cond:
                 self._active.append(job)
         if not self._active:

@@ -7,10 +7,12 @@ one prompt by a chat template, chat.py), GET /v1/models, POST /tokenize and /det
 static/playground.html). The shapes of requests and answers are in api.py.
 
 Concurrency: the engine (`batching.py`) advances every running request together, one batched forward pass per
-token, in one worker thread; requests beyond `slots` wait in a queue. A seeded request served alone gets exactly
+token, in a process of its own (`engine_process.py`: the event loop never holds the model up); requests beyond
+`slots` wait in a queue. A seeded request served alone gets exactly
 what `fundamentallm generate --seed` prints; in company its scores may differ in float rounding.
 
-An echoed prompt is scored by `evaluate.token_logprobs` in a thread of its own (one prompt at a time): the same
+An echoed prompt is scored by `evaluate.token_logprobs` in the engine's process, beside its decoding (one prompt
+at a time): the same
 windows and float32 log-softmax as `fundamentallm evaluate`, so its log-probabilities sum to minus evaluate's
 nats on the same text. Every error is OpenAI's JSON shape with a 4xx code for the client's mistakes; a client
 that goes away cancels its requests, which frees their slots at the next token.
@@ -24,11 +26,10 @@ import logging
 import secrets
 import signal
 import socket
-import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -64,9 +65,9 @@ try:  # the optional extra: without it, `fundamentallm serve` is one clear error
 except ImportError:
     raise UserError("fundamentallm serve needs FastAPI and uvicorn: pip install 'fundamentallm[serve]'") from None
 
-from fundamentallm.batching import Engine, FinishEvent, Job, QueueFull, TokenEvent
-from fundamentallm.evaluate import token_logprobs
-from fundamentallm.generate import OVERFLOW, Sampling, scores_are_finite, start_tokens
+from fundamentallm.batching import FinishEvent, Job, TokenEvent
+from fundamentallm.engine_process import EngineProcess, QueueFull
+from fundamentallm.generate import Sampling, start_tokens
 from fundamentallm.logprobs import Logprobs, Tracker, prompt_logprobs
 
 MAX_BODY_BYTES = 1 << 20  # a prompt never needs more: it must fit in the model's context (or be scored alone)
@@ -81,11 +82,10 @@ GRACE_SECONDS = 10  # on Ctrl-C / SIGTERM, in-flight requests get this long to f
 @dataclass
 class Served:
     model_id: str
-    engine: Engine
+    engine: EngineProcess
     api_key: str | None
     chat_template: ChatTemplate = field(default_factory=lambda: load_chat_template(None))
     created: int = field(default_factory=lambda: int(time.time()))
-    scoring: threading.Lock = field(default_factory=threading.Lock)  # one prompt scored at a time
 
 
 Shape = type[CompletionShape] | type[ChatShape]
@@ -117,7 +117,7 @@ async def _read_body(request: Request) -> bytes:
 def prompt_ids(served: Served, prompt: str | list[int], refuse_long: bool, param: str = "prompt") -> list[int]:
     """A prompt's token ids (given as text, or as ids). With `refuse_long`, it must leave room in the context
     to generate (an echoed prompt may be longer: it is scored in full, and continued from its last tokens)."""
-    tokenizer, context = served.engine.tokenizer, served.engine.model.context_length
+    tokenizer, context = served.engine.tokenizer, served.engine.context_length
     if isinstance(prompt, str):
         try:
             ids = tokenizer.encode(prompt, what="prompt")  # unseen characters: the unknown token, as in generate
@@ -140,32 +140,21 @@ def prompt_ids(served: Served, prompt: str | list[int], refuse_long: bool, param
 
 def _jobs(served: Served, params: SamplingRequest, prompts: list[list[int]], emit: Any) -> list[Job]:
     """One job per (prompt, n); choice i of a seeded request uses seed + i."""
-    engine = served.engine
-    device, keep = next(engine.model.parameters()).device, engine.model.context_length - 1
+    keep, sampling = served.engine.context_length - 1, Sampling(params.temperature, params.top_k, params.top_p)
     jobs = []
     for index in range(len(prompts) * params.n):
-        generator = torch.Generator(device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed + index)
-        prompt = prompts[index // params.n][-keep:] or start_tokens(engine.tokenizer)
-        sampling = Sampling(params.temperature, params.top_k, params.top_p)
-        jobs.append(Job(index, prompt, params.max_tokens or 0, sampling, generator, params.stops(), emit))
+        seed = None if params.seed is None else params.seed + index
+        prompt = prompts[index // params.n][-keep:] or start_tokens(served.engine.tokenizer)
+        jobs.append(Job(index, prompt, params.max_tokens or 0, sampling, seed, params.stops(), emit))
     return jobs
 
 
 async def _echoes(served: Served, prompts: list[list[int]], top: int | None) -> list[Logprobs | None]:
-    """Each prompt's tokens with their log-probabilities (in a thread: a long prompt is many forward passes)."""
+    """Each prompt's tokens with their log-probabilities (scored in the engine's process)."""
     if top is None:
         return [None] * len(prompts)
-    model, tokenizer = served.engine.model, served.engine.tokenizer
-
-    def score() -> list[Logprobs | None]:
-        with served.scoring:
-            return [prompt_logprobs(tokenizer, ids, token_logprobs(model, ids, top), top) for ids in prompts]
-
-    return await asyncio.to_thread(score)
+    scored = await served.engine.score(prompts, top)
+    return [prompt_logprobs(served.engine.tokenizer, ids, one, top) for ids, one in zip(prompts, scored, strict=True)]
 
 
 def _new_choices(served: Served, params: SamplingRequest, texts: list[str], echoes: list[Logprobs | None],
@@ -224,13 +213,7 @@ def _take(choice: Choice, event: TokenEvent | FinishEvent) -> Logprobs | None:
 
 
 def create_app(served: Served) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served.engine.start()
-        yield
-        served.engine.stop()
-
-    app = FastAPI(title="FundamentaLLM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="FundamentaLLM", docs_url=None, redoc_url=None, openapi_url=None)
     page = files("fundamentallm").joinpath("static/playground.html").read_text(encoding="utf-8")
 
     @app.exception_handler(ApiError)
@@ -288,7 +271,7 @@ def _tokenizer_routes(app: FastAPI, served: Served) -> None:
     async def tokenize(request: Request) -> dict[str, Any]:
         _check_key(served, request.headers.get("authorization"))
         ids = prompt_ids(served, parse_body(await _read_body(request), TokenizeRequest).prompt, False)
-        return {"tokens": ids, "count": len(ids), "max_model_len": served.engine.model.context_length}
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.engine.context_length}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
@@ -303,7 +286,7 @@ def _tokenizer_routes(app: FastAPI, served: Served) -> None:
         # No token of its own begins or ends a text: the boundary token stands for both, as in an export.
         boundary = None if tokenizer.boundary_id is None else tokenizer.decode([tokenizer.boundary_id])
         return {"tokenizer_class": f"fundamentallm {tokenizer.kind}", "vocab_size": tokenizer.vocab_size,
-                "model_max_length": served.engine.model.context_length, "bos_token": boundary,
+                "model_max_length": served.engine.context_length, "bos_token": boundary,
                 "eos_token": boundary, "pad_token": boundary, "chat_template": served.chat_template.source}
 
 
@@ -326,7 +309,7 @@ async def _chat(served: Served, request: Request, params: ChatRequest) -> Any:
     """The messages rendered by the chat template into one prompt, completed n times. max_tokens (or its newer
     name max_completion_tokens) is by default a context's worth of tokens."""
     params.max_tokens = params.max_completion_tokens or params.max_tokens or \
-        min(MAX_TOKENS, served.engine.model.context_length)
+        min(MAX_TOKENS, served.engine.context_length)
     try:
         prompt = served.chat_template.render([message.as_dict() for message in params.messages])
     except TemplateFailed as exc:
@@ -407,34 +390,41 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def run_server(checkpoint: Path, host: str, port: int, api_key: str | None, slots: int,
                device: str = "auto", chat_template: Path | None = None) -> None:
-    """Load the checkpoint and serve it until Ctrl-C or SIGTERM (the CLI's --threads sets torch's threads)."""
-    from fundamentallm.checkpoint import load_model
-    from fundamentallm.device import select_device
-
+    """Load the checkpoint and serve it until Ctrl-C or SIGTERM (the engine's process gets the torch threads
+    the CLI's --threads set)."""
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty; give a key, or leave the option (and FUNDAMENTALLM_API_KEY) out")
     if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
         raise UserError("--api-key holds characters outside printable ASCII, which an HTTP header cannot carry "
                         "reliably; choose a key of ASCII letters, digits and punctuation")
     template = load_chat_template(chat_template)
-    loaded = load_model(checkpoint, select_device(device))  # a bad checkpoint fails before the port is taken
-    if not scores_are_finite(loaded.model, start_tokens(loaded.tokenizer)):
-        raise UserError(f"{OVERFLOW}; the server does not start with it")
-    sock = _bind(host, port)
-    engine = Engine(loaded.model, loaded.tokenizer, slots, log=logging.getLogger("uvicorn.error").info)
-    served = Served(str(checkpoint), engine, api_key, template)
+    log = logging.getLogger("uvicorn.error")
+    # The model loads first (in the engine's process), so that a bad checkpoint fails before the port is taken.
+    engine = EngineProcess(str(checkpoint), device, torch.get_num_threads(), slots, log=log.info)
+    try:
+        stopped_by = _serve(Served(str(checkpoint), engine, api_key, template), _bind(host, port), log)
+    finally:
+        engine.stop()
+    if engine.failure is not None:
+        raise UserError(f"{engine.failure}; the server stopped", exit_code=1)
+    if stopped_by is not None:  # end as that signal ends a process (exit status), now that all is closed
+        signal.signal(stopped_by, signal.SIG_DFL)
+        signal.raise_signal(stopped_by)
+
+
+def _serve(served: Served, sock: socket.socket, log: logging.Logger) -> int | None:
+    """Run uvicorn until Ctrl-C or SIGTERM; the signal that stopped it."""
+    checkpoint, api_key = served.model_id, served.api_key
     shown_host, shown_port = sock.getsockname()[:2]
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     print(f"Serving {checkpoint} at http://{shown_host}:{shown_port}/ (playground) and "
           f"http://{shown_host}:{shown_port}/v1 (OpenAI API){'; API key required' if api_key else ''}. "
           f"Ctrl-C stops it.", flush=True)
     config = uvicorn.Config(create_app(served), log_level="info", timeout_graceful_shutdown=GRACE_SECONDS)
-    logging.getLogger("uvicorn.error").addFilter(_no_cancelled)
+    log.addFilter(_no_cancelled)
     server = _Server(config)
     server.run(sockets=[sock])
-    if server.stopped_by is not None:  # end as that signal ends a process (exit status), now that all is closed
-        signal.signal(server.stopped_by, signal.SIG_DFL)
-        signal.raise_signal(server.stopped_by)
+    return server.stopped_by
 
 
 def _no_cancelled(record: logging.LogRecord) -> bool:
