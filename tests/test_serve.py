@@ -701,6 +701,25 @@ def test_batched_decoding_matches_each_sequence_alone(positions: str) -> None:
         assert max(abs(a - b) for (_, a), (_, b) in zip(together[key], alone, strict=True)) <= 1e-4
 
 
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_past_the_context_each_token_sees_the_window_a_fresh_pass_would(positions: str) -> None:
+    """Past the context the window slides to its last half: every score equals a pass without a cache over the
+    tokens in the window (within float rounding), in company as alone."""
+    torch.manual_seed(1)
+    context, keep = 16, 8
+    model = GPT(ModelConfig(**TINY_MODEL, position_embedding=positions), vocab_size=40, context_length=context).eval()
+    prompt = [1, 2, 3, 4, 5]
+    together = decode(model, {0: (0, prompt), 1: (3, [6, 7])}, {}, 60)[0]
+    tokens, start = list(prompt), 0
+    for token, logprob in together:
+        if len(tokens) - start > context:
+            start = len(tokens) - keep
+        with torch.no_grad():
+            scores = model(torch.tensor([tokens[start:]]))[0][0, -1].float().log_softmax(-1)
+        assert token == int(scores.argmax()) and abs(logprob - float(scores[token])) <= 1e-4
+        tokens.append(token)
+
+
 MULTILINGUAL = ("Ça déjà vu, élève naïf à Zürich; «Привет, мир!» — сказал он. Où est la forêt? Ещё раз, пожалуйста. "
                 "Garçon, l'été arrive. Эта книга очень интересная. ")
 

@@ -148,29 +148,26 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def advance(self) -> None:
-        """One forward pass over every sequence's last sampled token. A sequence whose window is full slides:
-        its row is rebuilt from its most recent tokens (a pass of its own, as `generate` does)."""
-        full = [i for i, row in enumerate(self.rows) if row.length == self.model.context_length]
-        stepping = [i for i, row in enumerate(self.rows) if row.length < self.model.context_length]
-        logits = torch.empty_like(self._logits) if self._logits is not None else None
-        if stepping:
-            if len(stepping) == len(self.rows):  # the usual case: every row, in order
-                ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
-                lengths = [row.length for row in self.rows]
-                if min(lengths) == max(lengths):  # rows alike (one alone, say): plain slices, the same numbers
-                    self.cache.length = lengths[0]
-                    out, _ = self.model(ids, cache=self.cache)
-                else:
-                    out, _ = self.model(ids, cache=self.cache, positions=lengths)
-                logits = out[:, -1]
-            else:  # rows that slide sit out this pass; the others are not packed, so step them one by one
-                for i in stepping:
-                    logits[i] = self._step_row(i)
-            for i in stepping:
-                self.rows[i].length += 1
-        for i in full:
-            logits[i] = self._fill(i, self.rows[i].tokens[-self._keep:])[0]
-        self._logits = logits
+        """One forward pass over every sequence's last sampled token. A sequence whose window is full slides
+        first: its row is rebuilt from its most recent tokens but that last one (a pass of its own, as `generate`
+        does), so that every row still takes the step together."""
+        for i, row in enumerate(self.rows):
+            if row.length == self.model.context_length:
+                window = row.tokens[-self._keep : -1]
+                if window:
+                    self._fill(i, window)
+                else:  # a window of one token (a context of 2 or 3): the step itself fills it
+                    row.length = 0
+        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
+        lengths = [row.length for row in self.rows]
+        if min(lengths) == max(lengths):  # rows alike (one alone, say): plain slices, the same numbers
+            self.cache.length = lengths[0]
+            out, _ = self.model(ids, cache=self.cache)
+        else:
+            out, _ = self.model(ids, cache=self.cache, positions=lengths)
+        for row in self.rows:
+            row.length += 1
+        self._logits = out[:, -1]
 
     def _fill(self, index: int, tokens: list[int]) -> torch.Tensor:
         """Row `index` rebuilt from `tokens` (a prompt, or the window after a slide): its next scores (1, V)."""
@@ -178,13 +175,6 @@ class DecodeBatch:
         logits, _ = self.model(torch.tensor([tokens], device=self.device), cache=self.cache.row(index))
         row.length = len(tokens)
         return logits[:, -1]
-
-    def _step_row(self, index: int) -> torch.Tensor:
-        row = self.rows[index]
-        view = self.cache.row(index)
-        view.length = row.length
-        logits, _ = self.model(torch.tensor([[row.tokens[-1]]], device=self.device), cache=view)
-        return logits[0, -1]
 
 
 @torch.inference_mode()
