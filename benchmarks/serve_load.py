@@ -8,7 +8,13 @@ process of its own.
 
 With --compare SRC (the `src` directory of another checkout, e.g. an earlier commit's), that version's server
 is measured too, side by side: both servers run at once and each client count is measured on one, then the
-other, so a machine whose load changes during the run affects both alike. Prints a table; writes JSON.
+other, so a machine whose load changes during the run affects both alike.
+
+A busy or virtual machine's speed moves from one second to the next, so everything is measured --rounds times
+(default 3), interleaved: in each round every client count on every server, then `generate` for each version
+(three runs, their median). The table gives each figure's median over the rounds with its range, and the ratios
+(one client against `generate`, N clients against one) are taken within each round, then their median. Prints
+a table; writes JSON with every round.
 
     python benchmarks/serve_load.py runs/alice/best_model.pt --clients 1,4,16,64 -o serve.json
     git archive OLD src | tar -x -C /tmp/old && \\
@@ -42,12 +48,12 @@ loaded = load_model(sys.argv[1], torch.device("cpu"))
 ids = loaded.tokenizer.encode("Alice")
 n = int(sys.argv[2])
 list(generate_tokens(loaded.model, ids, 20, 0.8, generator=torch.Generator().manual_seed(0)))  # warm-up
-best = 0.0
+speeds = []
 for seed in range(3):
     start = time.perf_counter()
     list(generate_tokens(loaded.model, ids, n, 0.8, generator=torch.Generator().manual_seed(seed)))
-    best = max(best, n / (time.perf_counter() - start))
-print(best)
+    speeds.append(n / (time.perf_counter() - start))
+print(sorted(speeds)[1])
 """
 
 
@@ -133,13 +139,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, help="passed to serve --threads (default: serve's default)")
     parser.add_argument("--slots", type=int, default=64, help="passed to serve --slots")
+    parser.add_argument("--rounds", type=int, default=3, help="times everything is measured, interleaved")
     parser.add_argument("--compare", type=Path, help="the src directory of another version, measured beside")
     parser.add_argument("-o", "--output", type=Path, default=Path("serve_load.json"))
     args = parser.parse_args()
 
     versions = {"this": SRC, **({"compare": args.compare.resolve()} if args.compare else {})}
     extra = ["--device", "cpu", "--slots", str(args.slots), *(["--threads", str(args.threads)] if args.threads else [])]
-    rows: dict[str, list[dict]] = {name: [] for name in versions}
+    counts = [int(c) for c in args.clients.split(",")]
+    rounds: list[dict[str, dict]] = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         servers = {name: start_server(args.checkpoint, Path(tmp) / f"{name}.log", src, extra)
@@ -147,30 +155,62 @@ def main() -> None:
         try:
             for _, url in servers.values():
                 stream_one(url, {"prompt": "Alice", "max_tokens": 20})  # warm-up
-            for clients in (int(c) for c in args.clients.split(",")):
-                for name, (_, url) in servers.items():
-                    rows[name].append(measure(url, clients, args.requests, args.max_tokens))
+            for _ in range(args.rounds):
+                measured: dict[str, dict] = {name: {"rows": []} for name in versions}
+                for clients in counts:
+                    for name, (_, url) in servers.items():
+                        measured[name]["rows"].append(measure(url, clients, args.requests, args.max_tokens))
+                for name, src in versions.items():  # the servers idle meanwhile
+                    measured[name]["generate_tokens_per_second"] = generate_speed(
+                        args.checkpoint, src, args.max_tokens, args.threads)
+                rounds.append(measured)
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=60)
-    generate = {name: generate_speed(args.checkpoint, src, args.max_tokens, args.threads)
-                for name, src in versions.items()}
+    summary = {name: summarise([r[name] for r in rounds]) for name in versions}
     result = {"checkpoint": str(args.checkpoint), "max_tokens": args.max_tokens, "threads": args.threads,
               "slots": args.slots, "machine": platform.processor() or platform.machine(),
               "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
               "versions": {name: str(src) for name, src in versions.items()},
-              "generate_tokens_per_second": generate, "rows": rows}
+              "summary": summary, "rounds": rounds}
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     for name in versions:
-        print(f"{name} ({versions[name]}): generate {generate[name]} tokens/s")
-        print(f"{'clients':>8} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'x 1 client':>10} "
-              f"{'first p50 s':>12} {'first p95 s':>12}")
-        for row in rows[name]:
-            print(f"{row['clients']:>8} {row['tokens']:>7} {row['seconds']:>8} {row['tokens_per_second']:>9} "
-                  f"{row['tokens_per_second'] / rows[name][0]['tokens_per_second']:>10.2f} "
-                  f"{row['first_token_p50_s']:>12} {row['first_token_p95_s']:>12}")
+        print_table(name, versions[name], summary[name])
     print(f"load average before/after: {result['load_average_before_after']}; wrote {args.output}")
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Medians over the rounds, with (min, max); ratios within each round first."""
+    def spread(values: list[float]) -> dict:
+        return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+                "max": round(max(values), 3)}
+
+    generate = [r["generate_tokens_per_second"] for r in rounds]
+    rows = []
+    for i, row in enumerate(rounds[0]["rows"]):
+        per_round = [r["rows"][i] for r in rounds]
+        rows.append({"clients": row["clients"],
+                     "tokens_per_second": spread([x["tokens_per_second"] for x in per_round]),
+                     "x_one_client": spread([x["tokens_per_second"] / r["rows"][0]["tokens_per_second"]
+                                             for x, r in zip(per_round, rounds, strict=True)]),
+                     "first_token_p50_s": spread([x["first_token_p50_s"] for x in per_round]),
+                     "first_token_p95_s": spread([x["first_token_p95_s"] for x in per_round])})
+    one_client = [r["rows"][0]["tokens_per_second"] / r["generate_tokens_per_second"] for r in rounds]
+    return {"generate_tokens_per_second": spread(generate), "rows": rows,
+            "first_row_against_generate": spread(one_client)}
+
+
+def print_table(name: str, src: Path, summary: dict) -> None:
+    def cell(value: dict, digits: int = 0) -> str:
+        return f"{value['median']:,.{digits}f} ({value['min']:,.{digits}f}-{value['max']:,.{digits}f})"
+
+    print(f"{name} ({src}): generate {cell(summary['generate_tokens_per_second'])} tokens/s; the first row "
+          f"against generate: {cell(summary['first_row_against_generate'], 2)} (medians over rounds, ranges)")
+    print(f"{'clients':>8} {'tokens/s':>24} {'x first row':>20} {'first p50 s':>24} {'first p95 s':>24}")
+    for row in summary["rows"]:
+        print(f"{row['clients']:>8} {cell(row['tokens_per_second']):>24} {cell(row['x_one_client'], 2):>20} "
+              f"{cell(row['first_token_p50_s'], 3):>24} {cell(row['first_token_p95_s'], 3):>24}")
 
 
 if __name__ == "__main__":
