@@ -13,8 +13,10 @@ other, so a machine whose load changes during the run affects both alike.
 A busy or virtual machine's speed moves from one second to the next, so everything is measured --rounds times
 (default 3), interleaved: in each round every client count on every server, then `generate` for each version
 (three runs, their median). The table gives each figure's median over the rounds with its range, and the ratios
-(one client against `generate`, N clients against one) are taken within each round, then their median. Prints
-a table; writes JSON with every round.
+(one client against `generate`, N clients against one) are taken within each round, then their median. Last,
+--pairs completions of one client, each followed by a `generate` run of the same length (the pair sees the
+machine in the same second): the ratio's median and quartiles, the steadiest figure of one client against
+`generate`. Prints a table; writes JSON with every round.
 
     python benchmarks/serve_load.py runs/alice/best_model.pt --clients 1,4,16,64 -o serve.json
     git archive OLD src | tar -x -C /tmp/old && \\
@@ -38,7 +40,7 @@ import urllib.request
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-GENERATE_TIMER = """
+GENERATE_WORKER = """
 import sys, time, torch
 from fundamentallm.checkpoint import load_model
 from fundamentallm.device import set_threads
@@ -48,12 +50,10 @@ loaded = load_model(sys.argv[1], torch.device("cpu"))
 ids = loaded.tokenizer.encode("Alice")
 n = int(sys.argv[2])
 list(generate_tokens(loaded.model, ids, 20, 0.8, generator=torch.Generator().manual_seed(0)))  # warm-up
-speeds = []
-for seed in range(3):
+for line in sys.stdin:  # a seed per line: one timed run
     start = time.perf_counter()
-    list(generate_tokens(loaded.model, ids, n, 0.8, generator=torch.Generator().manual_seed(seed)))
-    speeds.append(n / (time.perf_counter() - start))
-print(sorted(speeds)[1])
+    list(generate_tokens(loaded.model, ids, n, 0.8, generator=torch.Generator().manual_seed(int(line))))
+    print(n / (time.perf_counter() - start), flush=True)
 """
 
 
@@ -125,10 +125,44 @@ def measure(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "first_token_p95_s": round(firsts[min(len(firsts) - 1, int(0.95 * len(firsts)))], 3)}
 
 
-def generate_speed(checkpoint: Path, src: Path, tokens: int, threads: int | None) -> float:
-    out = subprocess.run([sys.executable, "-c", GENERATE_TIMER, str(checkpoint), str(tokens), str(threads or 0)],
-                         capture_output=True, text=True, env=env_for(src), check=True).stdout
-    return round(float(out.split()[-1]), 1)
+class Generate:
+    """`generate` for the same model and threads in a process of its own (no HTTP), timed run by run; the model
+    stays loaded, and the process waits without using the CPU between runs."""
+
+    def __init__(self, checkpoint: Path, src: Path, tokens: int, threads: int | None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", GENERATE_WORKER, str(checkpoint), str(tokens),
+                                      str(threads or 0)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env_for(src))
+        self.seed = 0
+
+    def speed(self) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.seed += 1
+        self.proc.stdin.write(f"{self.seed}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def paired(url: str, generate: Generate, tokens: int, pairs: int) -> dict:
+    """One streamed client against `generate`, pair by pair: a completion, then a `generate` run of the same
+    length, so that both see the machine as it is in the same second; the ratios' median and quartiles."""
+    ratios, served, generated = [], [], []
+    for seed in range(pairs):
+        started = time.perf_counter()
+        _, count = stream_one(url, {"prompt": "Alice", "max_tokens": tokens, "temperature": 0.8, "seed": seed})
+        served.append(count / (time.perf_counter() - started))
+        generated.append(generate.speed())
+        ratios.append(served[-1] / generated[-1])
+    quartiles = statistics.quantiles(ratios, n=4)
+    return {"pairs": pairs, "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+            "served_median": round(statistics.median(served), 1),
+            "generate_median": round(statistics.median(generated), 1)}
 
 
 def main() -> None:
@@ -140,6 +174,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="passed to serve --threads (default: serve's default)")
     parser.add_argument("--slots", type=int, default=64, help="passed to serve --slots")
     parser.add_argument("--rounds", type=int, default=3, help="times everything is measured, interleaved")
+    parser.add_argument("--pairs", type=int, default=15, help="one-client completions timed against generate")
     parser.add_argument("--compare", type=Path, help="the src directory of another version, measured beside")
     parser.add_argument("-o", "--output", type=Path, default=Path("serve_load.json"))
     args = parser.parse_args()
@@ -149,6 +184,7 @@ def main() -> None:
     counts = [int(c) for c in args.clients.split(",")]
     rounds: list[dict[str, dict]] = []
     load_before = os.getloadavg()
+    generators = {name: Generate(args.checkpoint, src, args.max_tokens, args.threads) for name, src in versions.items()}
     with tempfile.TemporaryDirectory() as tmp:
         servers = {name: start_server(args.checkpoint, Path(tmp) / f"{name}.log", src, extra)
                    for name, src in versions.items()}
@@ -160,15 +196,19 @@ def main() -> None:
                 for clients in counts:
                     for name, (_, url) in servers.items():
                         measured[name]["rows"].append(measure(url, clients, args.requests, args.max_tokens))
-                for name, src in versions.items():  # the servers idle meanwhile
-                    measured[name]["generate_tokens_per_second"] = generate_speed(
-                        args.checkpoint, src, args.max_tokens, args.threads)
+                for name in versions:  # the servers idle meanwhile
+                    measured[name]["generate_tokens_per_second"] = round(
+                        statistics.median(generators[name].speed() for _ in range(3)), 1)
                 rounds.append(measured)
+            pairs = {name: paired(url, generators[name], args.max_tokens, args.pairs)
+                     for name, (_, url) in servers.items()}
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=60)
-    summary = {name: summarise([r[name] for r in rounds]) for name in versions}
+            for generate in generators.values():
+                generate.close()
+    summary = {name: {**summarise([r[name] for r in rounds]), "paired": pairs[name]} for name in versions}
     result = {"checkpoint": str(args.checkpoint), "max_tokens": args.max_tokens, "threads": args.threads,
               "slots": args.slots, "machine": platform.processor() or platform.machine(),
               "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
@@ -207,6 +247,10 @@ def print_table(name: str, src: Path, summary: dict) -> None:
 
     print(f"{name} ({src}): generate {cell(summary['generate_tokens_per_second'])} tokens/s; the first row "
           f"against generate: {cell(summary['first_row_against_generate'], 2)} (medians over rounds, ranges)")
+    pair = summary["paired"]
+    print(f"  one client against generate, {pair['pairs']} pairs: median {pair['ratio_median']:.2f} (quartiles "
+          f"{pair['ratio_quartiles'][0]:.2f}-{pair['ratio_quartiles'][1]:.2f}; {pair['served_median']:,.0f} against "
+          f"{pair['generate_median']:,.0f} tokens/s)")
     print(f"{'clients':>8} {'tokens/s':>24} {'x first row':>20} {'first p50 s':>24} {'first p95 s':>24}")
     for row in summary["rows"]:
         print(f"{row['clients']:>8} {cell(row['tokens_per_second']):>24} {cell(row['x_one_client'], 2):>20} "
