@@ -334,6 +334,27 @@ def test_a_request_that_can_never_fit_and_ctrl_c_while_streaming(checkpoint: Pat
     assert engine and all(wait_gone(pid) for pid in engine), "the engine's process outlived the server"
 
 
+def test_sigterm_to_the_process_group_lets_a_request_in_flight_finish(checkpoint: Path, tmp_path: Path) -> None:
+    """As a service manager stops a server (SIGTERM to every process of the group): the engine's process waits
+    for the server, so the request streaming meanwhile gets its whole answer; the server ends by the signal."""
+    server = Server(checkpoint, tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = iter(client.completions.create(model="m", prompt="Alice", max_tokens=200, seed=3, stream=True))
+        first = next(answer)
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        chunks = [first, *answer]
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert "".join(chunk.choices[0].text for chunk in chunks) == run_cli(
+            "generate", checkpoint, "--prompt", "Alice", "--max-tokens", "200", "--seed", "3", "--temperature", "1.0",
+            "--device", "cpu").stdout[len("Alice"):-1]
+        assert server.proc.wait(timeout=120) == -signal.SIGTERM
+    finally:
+        server.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and "unexpectedly" not in log, log
+
+
 def children(pid: int, engine_only: bool = False) -> list[int]:
     """The processes whose parent is `pid`: the server's engine process (and Python's resource tracker)."""
     found = []
@@ -444,6 +465,9 @@ def test_serve_command_errors(checkpoint: Path, tmp_path: Path) -> None:
         assert_clean_error(run_cli("serve", checkpoint, "--port", port), "cannot listen", "--port")
     assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--api-key", " "), "--api-key is empty")
     assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--api-key", "clé"), "--api-key", "ASCII")
+    # A KV cache of a billion contexts: refused in one line before anything is allocated (or the port taken).
+    assert_clean_error(run_cli("serve", checkpoint, "--port", "0", "--slots", "1000000000", "--device", "cpu"),
+                       "--slots 1,000,000,000", "Use fewer --slots")
     # Finite weights whose scores overflow float32: refused at start, not one traceback per request.
     payload = torch.load(checkpoint, weights_only=True)
     payload["model"]["norm_f.weight"].fill_(3e38)

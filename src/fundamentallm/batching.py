@@ -64,7 +64,7 @@ class Job:
     sampling: Sampling
     seed: int | None  # None: a random one
     stops: list[str]
-    emit: Emit  # called from the worker thread, as emit(index, event)
+    emit: Emit  # called as emit(index, event): by the worker thread (in the server, by the engine's reader thread)
     ident: int = -1  # the server's id for it (engine_process.py)
     generated: int = 0
     cancelled: bool = False

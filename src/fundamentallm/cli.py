@@ -658,7 +658,8 @@ def bench(data: Path, device: str, rows: str | None, steps: int | None, generati
                    "default: 'role: content' lines, then 'assistant:'.")
 @_device_option()
 # One core is left to the HTTP layer (and clients on the same machine): the model's threads would otherwise wait
-# for it at every operation (on 2 cores, one streamed client got 2.7x fewer tokens/s with two threads than one).
+# for it at every operation (on 2 cores, with the engine still a thread of the server, one streamed client got
+# 2.7x fewer tokens/s with two threads than one).
 @_threads_option(spare_cores=1)
 def serve(checkpoint: Path, host: str, port: int, api_key: str | None, slots: int, chat_template: Path | None,
           device: str) -> None:

@@ -8,8 +8,8 @@ CUDA and with PyTorch's thread pools), and the two talk over a pipe: requests, c
 go in; each step's events come back in one message, with the engine's load.
 
 The child loads the model itself (the server keeps only the tokenizer) and checks that its scores are finite
-before it says it is ready, so a bad checkpoint is one clear error before the port is taken. It ignores Ctrl-C
-(the server decides when it stops, after in-flight requests had their grace period) and ends when asked, or when
+before it says it is ready, so a bad checkpoint is one clear error before the port is taken. It ignores Ctrl-C and
+SIGTERM (the server decides when it stops, after in-flight requests had their grace period) and ends when asked, or when
 the pipe closes because the server is gone. Should it end unexpectedly, its requests end with an error and the
 server stops (exit status 1), so that whatever supervises it can start it again.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing
-import os
 import pickle
 import signal
 import threading
@@ -72,15 +71,19 @@ class EngineProcess:
         self._load = {"active": 0, "waiting": 0, "tokens_generated": 0}
         self._stopping = False
         self.failure: str | None = None  # why the engine's process ended, when nobody asked it to
+        self.on_failure: Callable[[], None] = lambda: None  # then called (from the reader thread)
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(target=_child_main, args=(child_conn, checkpoint, device, threads, slots),
                                         name="fundamentallm-engine", daemon=True)
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: Ctrl-C is the server's to handle
+        # Inherited: Ctrl-C and a SIGTERM sent to the whole process group are the server's to handle (it lets
+        # requests in flight finish first, then stops the engine).
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._process.start()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         child_conn.close()  # so that the child's end closing is seen here
         self.tokenizer, self.context_length = self._wait_ready()
         self._reader = threading.Thread(target=self._read, name="fundamentallm-engine-reader", daemon=True)
@@ -90,12 +93,25 @@ class EngineProcess:
         try:
             message = _receive(self._conn)
         except (EOFError, OSError):
-            self._process.join()
+            self._close()
             raise UserError(f"{_ended(self._process.exitcode)} while loading the model", exit_code=1) from None
         if message[0] != READY:
-            self._process.join()
-            raise UserError(message[1])
+            self._close()
+            raise UserError(message[1], exit_code=message[2])
         return tokenizer_from_dict(message[1]), message[2]
+
+    def _close(self) -> None:
+        self._process.join()
+        self._conn.close()
+        self._process.close()
+
+    def _tell(self, message: tuple) -> None:
+        """Send the engine a message; if it has just ended (the reader has not seen it yet), the request is told
+        to retry (another instance may be up by then)."""
+        try:
+            _send(self._conn, self._send_lock, message)
+        except OSError:
+            raise QueueFull("the server is stopping: its engine has ended", never=False) from None
 
     def load(self) -> dict[str, int]:
         with self._lock:
@@ -104,19 +120,25 @@ class EngineProcess:
     def submit(self, jobs: list[Job]) -> None:
         """Queue a request's jobs, all or none."""
         with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is stopping", never=False)
             if len(jobs) > self.queue_limit:
                 raise QueueFull(f"n: this request asks for {len(jobs)} completions, but this server queues at most "
                                 f"{self.queue_limit} ({QUEUE_PER_SLOT} per slot, --slots {self.slots}); ask for "
                                 f"fewer (prompts x n), or start the server with more --slots", never=True)
             if max(0, len(self._jobs) - self.slots) + len(jobs) > self.queue_limit:
                 raise QueueFull("the server is busy: too many requests are waiting; retry later", never=False)
-            if self._stopping:
-                raise QueueFull("the server is stopping", never=False)
             for job in jobs:
                 job.ident = next(self._ids)
                 self._jobs[job.ident] = job
         specs = [(job.ident, job.prompt, job.max_tokens, job.sampling, job.seed, job.stops) for job in jobs]
-        _send(self._conn, self._send_lock, ("submit", specs))
+        try:
+            self._tell(("submit", specs))
+        except QueueFull:
+            with self._lock:
+                for job in jobs:
+                    self._jobs.pop(job.ident, None)
+            raise
 
     def cancel(self, jobs: list[Job]) -> None:
         """Stop these jobs (a request's, when it ends). A request cut short (its client went away, or shutdown did
@@ -129,7 +151,8 @@ class EngineProcess:
         if not unfinished:
             return
         if not self._stopping:
-            _send(self._conn, self._send_lock, ("cancel", [job.ident for job in unfinished]))
+            with suppress(QueueFull):  # the engine has ended: nothing left to cancel
+                self._tell(("cancel", [job.ident for job in unfinished]))
         self._log(f"a request was cancelled before its end (its client went away): {len(unfinished)} of its "
                   f"{len(jobs)} completions unfinished, {sum(job.generated for job in jobs)} tokens generated")
 
@@ -140,8 +163,8 @@ class EngineProcess:
         with self._lock:
             ident = next(self._ids)
             self._scores[ident] = (loop, future)
-        _send(self._conn, self._send_lock, ("score", ident, prompts, top))
         try:
+            self._tell(("score", ident, prompts, top))
             return await future
         finally:
             with self._lock:
@@ -156,8 +179,9 @@ class EngineProcess:
         self._process.join(timeout=30)
         if self._process.is_alive():
             self._process.kill()
-            self._process.join()
         self._reader.join(timeout=30)
+        if not self._conn.closed:
+            self._close()
 
     def _read(self) -> None:
         while True:
@@ -207,7 +231,8 @@ class EngineProcess:
             else:
                 future.set_exception(RuntimeError(f"scoring the prompt failed: {error}"))
 
-        loop.call_soon_threadsafe(resolve)
+        with suppress(RuntimeError):  # the event loop is gone: the server is shutting down
+            loop.call_soon_threadsafe(resolve)
 
     def _engine_gone(self) -> None:
         """The child ended without being asked: fail what it was doing, and stop the server."""
@@ -223,7 +248,7 @@ class EngineProcess:
             job.emit(job.index, FinishEvent(f"error: {reason}"))
         for ident in scores:
             self._scored(ident, None, reason)
-        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler shuts the server down
+        self.on_failure()
 
 
 def _ended(code: int | None) -> str:
@@ -249,11 +274,27 @@ def _child_main(conn: Connection, checkpoint: str, device: str, threads: int, sl
         loaded = load_model(checkpoint, select_device(device))
         if not scores_are_finite(loaded.model, start_tokens(loaded.tokenizer)):
             raise UserError(f"{OVERFLOW}; the server does not start with it")
+        _check_cache_fits(loaded.model, slots)
+        host = _Host(conn, send_lock, loaded.model, loaded.tokenizer, slots)
     except UserError as exc:
-        _send(conn, send_lock, ("failed", str(exc)))
+        _send(conn, send_lock, ("failed", str(exc), exc.exit_code))
+        return
+    except Exception as exc:  # e.g. out of memory for the cache: say so before the port is taken
+        traceback.print_exc()
+        _send(conn, send_lock, ("failed", f"the engine could not start: {type(exc).__name__}: {exc}", 1))
         return
     _send(conn, send_lock, (READY, loaded.tokenizer.to_dict(), loaded.model.context_length))
-    _Host(conn, send_lock, loaded.model, loaded.tokenizer, slots).serve()
+    host.serve()
+
+
+def _check_cache_fits(model: Any, slots: int) -> None:
+    """The KV cache holds a whole context for every slot: refuse a --slots the device cannot hold, in one line."""
+    from fundamentallm.device import check_memory
+
+    weight, cfg = next(model.parameters()), model.cfg
+    needed = 2 * cfg.num_layers * slots * cfg.num_heads * model.context_length * cfg.head_dim * weight.element_size()
+    check_memory(needed, weight.device, f"--slots {slots:,} (a KV cache of the whole context for each slot)",
+                 "Use fewer --slots.")
 
 
 class _Host:

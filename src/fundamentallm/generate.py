@@ -156,7 +156,7 @@ class DecodeBatch:
                 window = row.tokens[-self._keep : -1]
                 if window:
                     self._fill(i, window)
-                else:  # a window of one token (a context of 2 or 3): the step itself fills it
+                else:  # a window of one token (a context of 1, 2 or 3): the step itself fills it
                     row.length = 0
         ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
         lengths = [row.length for row in self.rows]

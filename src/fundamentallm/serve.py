@@ -144,7 +144,8 @@ def _jobs(served: Served, params: SamplingRequest, prompts: list[list[int]], emi
     jobs = []
     for index in range(len(prompts) * params.n):
         seed = None if params.seed is None else params.seed + index
-        prompt = prompts[index // params.n][-keep:] or start_tokens(served.engine.tokenizer)
+        prompt = prompts[index // params.n]
+        prompt = prompt[len(prompt) - keep :] or start_tokens(served.engine.tokenizer)  # not [-keep:]: keep may be 0
         jobs.append(Job(index, prompt, params.max_tokens or 0, sampling, seed, params.stops(), emit))
     return jobs
 
@@ -241,7 +242,9 @@ def create_app(served: Served) -> FastAPI:
         return page
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Any:
+        if served.engine.failure is not None:  # the server is stopping: a load balancer should look elsewhere
+            return JSONResponse({"status": "stopping", "reason": served.engine.failure}, status_code=503)
         return {"status": "ok", **served.engine.load()}
 
     @app.get("/v1/models")
@@ -375,7 +378,7 @@ async def _stream(served: Served, shape: Shape, cid: str, choices: list[Choice],
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """Bind before loading the model, so that a taken port is one clear error at once (not a uvicorn log line)."""
+    """Bind before uvicorn starts, so that a taken port is one clear error (not a uvicorn log line)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -423,7 +426,10 @@ def _serve(served: Served, sock: socket.socket, log: logging.Logger) -> int | No
     config = uvicorn.Config(create_app(served), log_level="info", timeout_graceful_shutdown=GRACE_SECONDS)
     log.addFilter(_no_cancelled)
     server = _Server(config)
-    server.run(sockets=[sock])
+    # Should the engine end on its own, the server shuts down as on SIGTERM (and run_server says why).
+    served.engine.on_failure = lambda: setattr(server, "should_exit", True)
+    if served.engine.failure is None:
+        server.run(sockets=[sock])
     return server.stopped_by
 
 
