@@ -171,7 +171,9 @@ class EngineProcess:
                 self._scores.pop(ident, None)
 
     def stop(self) -> None:
-        """End the engine's process (requests still running are cut off)."""
+        """End the engine's process (requests still running are cut off); once is enough."""
+        if self._conn.closed:
+            return
         with self._lock:
             self._stopping = True
         with suppress(OSError):  # it has gone already
@@ -315,7 +317,11 @@ class _Host:
 
     def _after_step(self) -> None:
         events, self.outbox = self.outbox, []
-        _send(self.conn, self.send_lock, ("events", events, self._load()))
+        self._tell(("events", events, self._load()))
+
+    def _tell(self, message: tuple) -> None:
+        with suppress(OSError):  # the server is gone: the main thread sees the pipe closed, and ends
+            _send(self.conn, self.send_lock, message)
 
     def _load(self) -> dict[str, int]:
         load = self.engine.load()
@@ -346,7 +352,7 @@ class _Host:
         elif message[0] == "score":
             threading.Thread(target=self._score, args=message[1:], daemon=True).start()
             return
-        _send(self.conn, self.send_lock, ("load", self._load()))
+        self._tell(("load", self._load()))
 
     def _score(self, ident: int, prompts: list[list[int]], top: int) -> None:
         from fundamentallm.evaluate import token_logprobs
@@ -356,6 +362,6 @@ class _Host:
                 result = [token_logprobs(self.model, ids, top) for ids in prompts]
         except Exception as exc:  # a bug: the request gets a 500, the server goes on
             traceback.print_exc()
-            _send(self.conn, self.send_lock, ("scored", ident, None, f"{type(exc).__name__}: {exc}"))
+            self._tell(("scored", ident, None, f"{type(exc).__name__}: {exc}"))
             return
-        _send(self.conn, self.send_lock, ("scored", ident, result, None))
+        self._tell(("scored", ident, result, None))
