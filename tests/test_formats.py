@@ -16,10 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import zstandard
 from helpers import TINY, assert_clean_error, run_cli, train_tiny
 
 from fundamentallm import records
+from fundamentallm.checkpoint import _checksum
 from fundamentallm.data import prepare_tokens
 from fundamentallm.records import RecordFormat, Skipped, read_records
 
@@ -370,3 +372,11 @@ def test_a_run_that_trained_on_a_record_file_as_text_is_refused_with_the_reason(
         assert_clean_error(result, f"it trained on the raw text of {path} (its JSON syntax and all)",
                            "now read as records", "another directory (-o)", "--text-field")
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # evaluate without DATA rebuilds the validation split from the files the run recorded: not from these now.
+    payload = torch.load(tmp_path / "run" / "final_model.pt", weights_only=True)
+    payload["data"]["files"] = [str(tmp_path / "docs.jsonl")]
+    payload["checksum"] = _checksum(payload)
+    torch.save(payload, tmp_path / "moved.pt")
+    result = run_cli("evaluate", tmp_path / "moved.pt")
+    assert_clean_error(result, f"trained on the raw text of {tmp_path / 'docs.jsonl'}", "now read as records",
+                       "pass the text to evaluate on as DATA")

@@ -372,6 +372,20 @@ def text_fingerprint(config: Config, paths: list[str | Path], val_paths: list[st
     return _fingerprint(files, val_files, config.training.validation_split, settings, RecordFormat(), as_text=True)
 
 
+def trained_as_text(fingerprint: str, config: Config, paths: list[str | Path],
+                    val_paths: list[str | Path] | None = None) -> Path | None:
+    """The record file (.jsonl, .json, .csv or .tsv) among `paths` that a run with this data `fingerprint` trained on
+    as its raw text (syntax and all), before such files were read as records; None when it did not (or a file
+    cannot be read: the error about it says more)."""
+    try:
+        records = [f for f in find_data_files([*paths, *(val_paths or [])]) if file_format(f) != TEXT]
+        if records and text_fingerprint(config, paths, val_paths) == fingerprint:
+            return Path(records[0])
+    except UserError:
+        pass
+    return None
+
+
 def record_format(config: Config) -> RecordFormat:
     """How record files give their text, from the data section of `config`."""
     return RecordFormat(config.data.text_field, config.data.record_separator, config.data.skip_bad_records)

@@ -28,6 +28,7 @@ from fundamentallm.data import (
     gather_windows,
     prepare_data,
     record_format,
+    trained_as_text,
 )
 from fundamentallm.device import PRECISION_NAMES, autocast_dtype, select_device
 from fundamentallm.errors import UserError
@@ -194,6 +195,11 @@ def _validation_split(checkpoint: Checkpoint) -> tuple[EncodedText, str]:
     if not files or missing:
         raise UserError(f"{path} was trained on {', '.join(missing or files) or 'unknown files'}, which "
                         f"cannot be found now; pass the text to evaluate on: fundamentallm evaluate {path} DATA")
+    record = trained_as_text(checkpoint.data.fingerprint, checkpoint.config, files, val_files or None)
+    if record is not None:  # before record files were read as records
+        raise UserError(f"{path} trained on the raw text of {record} (its syntax and all), and that file is now read "
+                        f"as records, so its validation split is not what the file gives now; pass the text to "
+                        f"evaluate on as DATA")
     data = prepare_data(checkpoint.config, files, val_files or None)
     if data.fingerprint != checkpoint.data.fingerprint:
         raise UserError(f"the training data of {path} ({', '.join(files + val_files)}) changed since training, so "

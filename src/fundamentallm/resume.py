@@ -20,10 +20,10 @@ from fundamentallm import distributed
 from fundamentallm.checkpoint import Checkpoint, TrainingProgress, TrainingState, read_checkpoint, recorded_step
 from fundamentallm.config import Config
 from fundamentallm.console import warn
-from fundamentallm.data import find_data_files, text_fingerprint
+from fundamentallm.data import trained_as_text
 from fundamentallm.errors import UserError
 from fundamentallm.metrics import read_metrics
-from fundamentallm.records import CSV, TEXT, TSV, file_format
+from fundamentallm.records import CSV, TSV, file_format
 from fundamentallm.runfiles import FINAL, METRICS, RUN_FILES, live_holder, periodic_checkpoints, resumable_files
 
 if TYPE_CHECKING:  # types only: this module is below run.py
@@ -222,14 +222,10 @@ def check_not_trained_as_text(checkpoint: Checkpoint, config: Config, paths: lis
     and all), which happened before .jsonl, .json, .csv and .tsv files were read as records: the text it trained
     on is no longer what DATA gives. Called when resuming fails (its data gives other text, or cannot be read as
     records); otherwise returns, and the error at hand stands."""
-    try:
-        records = [f for f in find_data_files([*paths, *(val_paths or [])]) if file_format(f) != TEXT]
-        trained_as_text = bool(records) and text_fingerprint(config, paths, val_paths) == checkpoint.data.fingerprint
-    except UserError:  # a file that cannot be read: the error about it says more
-        return
-    if trained_as_text:
-        syntax = "CSV" if file_format(records[0]) in (CSV, TSV) else "JSON"
-        raise UserError(f"cannot resume from {checkpoint.path}: it trained on the raw text of {records[0]} (its "
+    record = trained_as_text(checkpoint.data.fingerprint, config, paths, val_paths)
+    if record is not None:
+        syntax = "CSV" if file_format(record) in (CSV, TSV) else "JSON"
+        raise UserError(f"cannot resume from {checkpoint.path}: it trained on the raw text of {record} (its "
                         f"{syntax} syntax and all), and that file is now read as records, "
                         f"one field each; the run cannot continue on other text. Start a new run in another "
                         f"directory (-o), choosing the field with --text-field")
