@@ -189,19 +189,30 @@ def evaluate(checkpoint: Path, data_paths: list[str] | None = None, device: str 
                       unknown_characters=text.unknown_chars, unknown_bits=score.unknown_nats / math.log(2))
 
 
+def _check_not_trained_as_text(checkpoint: Checkpoint) -> None:
+    """Called when the recorded data no longer gives the run's text: says why when the run trained on a record
+    file's raw text, before such files were read as records (one more pass over the files, on this path only)."""
+    data = checkpoint.data
+    record = trained_as_text(data.fingerprint, checkpoint.config, data.files, data.val_files or None)
+    if record is not None:
+        raise UserError(f"{checkpoint.path} trained on the raw text of {record} (its syntax and all), and that file "
+                        f"is now read as records, so its validation split is not what the file gives now; pass "
+                        f"the text to evaluate on as DATA")
+
+
 def _validation_split(checkpoint: Checkpoint) -> tuple[EncodedText, str]:
     path, files, val_files = checkpoint.path, checkpoint.data.files, checkpoint.data.val_files
     missing = [f for f in files + val_files if not Path(f).exists()]
     if not files or missing:
         raise UserError(f"{path} was trained on {', '.join(missing or files) or 'unknown files'}, which "
                         f"cannot be found now; pass the text to evaluate on: fundamentallm evaluate {path} DATA")
-    record = trained_as_text(checkpoint.data.fingerprint, checkpoint.config, files, val_files or None)
-    if record is not None:  # before record files were read as records
-        raise UserError(f"{path} trained on the raw text of {record} (its syntax and all), and that file is now read "
-                        f"as records, so its validation split is not what the file gives now; pass the text to "
-                        f"evaluate on as DATA")
-    data = prepare_data(checkpoint.config, files, val_files or None)
+    try:
+        data = prepare_data(checkpoint.config, files, val_files or None)
+    except UserError:  # its files cannot be read as records now: say so if it trained on their raw text
+        _check_not_trained_as_text(checkpoint)
+        raise
     if data.fingerprint != checkpoint.data.fingerprint:
+        _check_not_trained_as_text(checkpoint)
         raise UserError(f"the training data of {path} ({', '.join(files + val_files)}) changed since training, so "
                         f"its validation split is no longer known; pass the text to evaluate on as DATA")
     unknown = int(np.count_nonzero(data.val == data.tokenizer.unknown_id)) if data.tokenizer.has_unknown else 0

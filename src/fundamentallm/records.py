@@ -414,7 +414,7 @@ class _JsonSource:
             else:
                 if end < len(self.buf) or self.eof:  # a number at the buffer's end may go on
                     start, self.pos = self.pos, end
-                    return item, start, "\\u" in self.buf[start:end]
+                    return item, start, self.buf.find("\\u", start, end) >= 0  # no copy of the item
             self.read(max(_JSON_READ, len(self.buf)))
 
     def line_of(self, pos: int) -> int:
