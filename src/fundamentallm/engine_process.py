@@ -317,11 +317,18 @@ class _Host:
 
     def _after_step(self) -> None:
         events, self.outbox = self.outbox, []
-        self._tell(("events", events, self._load()))
+        self._tell_load("events", events)
 
     def _tell(self, message: tuple) -> None:
         with suppress(OSError):  # the server is gone: the main thread sees the pipe closed, and ends
             _send(self.conn, self.send_lock, message)
+
+    def _tell_load(self, *message: Any) -> None:
+        """Send a message that ends with the engine's load. The load is read under the send lock, so that loads
+        arrive in the order they were read: one read before a step but sent after it would leave the server
+        believing, until the next message, that a job this step cancelled is still running."""
+        with suppress(OSError), self.send_lock:
+            self.conn.send_bytes(pickle.dumps((*message, self._load()), protocol=pickle.HIGHEST_PROTOCOL))
 
     def _load(self) -> dict[str, int]:
         load = self.engine.load()
@@ -352,7 +359,7 @@ class _Host:
         elif message[0] == "score":
             threading.Thread(target=self._score, args=message[1:], daemon=True).start()
             return
-        self._tell(("load", self._load()))
+        self._tell_load("load")
 
     def _score(self, ident: int, prompts: list[list[int]], top: int) -> None:
         from fundamentallm.evaluate import token_logprobs
