@@ -40,11 +40,19 @@ NANOGPT_CPU = ["config/train_shakespeare_char.py", "--eval_iters=20", "--log_int
                "--lr_decay_iters=2000", "--dropout=0.0"]
 
 
+# bench.muon_bf16=true (a variant's setting, not the tool's): the run orthogonalises Muon's updates in bf16, as
+# PyTorch's own Muon does, even where the CPU has no native bf16 (where the tool uses float32).
+MUON_BF16 = ("import fundamentallm.optim, fundamentallm.cli; "
+             "fundamentallm.optim.native_bf16 = lambda device: True; fundamentallm.cli.main()")
+
+
 def ours(corpus: Path, recipe: str, sets: list[str], seed: int, budget: float, eval_every: int, target: float,
          workdir: Path, name: str, steps: int | None = None) -> dict[str, Any]:
     out = workdir / f"{name}-seed{seed}"
     limit = ["--max-steps", str(steps)] if steps else ["--time-budget", f"{budget}s"]
-    cmd = [sys.executable, "-m", "fundamentallm", "train", str(corpus), "--config", recipe, "-o", str(out),
+    launcher = ["-c", MUON_BF16] if "bench.muon_bf16=true" in sets else ["-m", "fundamentallm"]
+    sets = [s for s in sets if not s.startswith("bench.")]
+    cmd = [sys.executable, *launcher, "train", str(corpus), "--config", recipe, "-o", str(out),
            "--device", "cpu", "--epochs", "1000", *limit, "--seed", str(seed),
            "--set", f"training.eval_interval={eval_every}", "--set", "training.sample_tokens=0",
            "--set", "training.save_best=false", *[arg for s in sets for arg in ("--set", s)]]
@@ -122,7 +130,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=60.0, help="time budget (s) given to each run of ours")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds, each variant runs once per seed")
     parser.add_argument("--variant", action="append", default=[],
-                        help="NAME[:KEY=VALUE,KEY=VALUE...] (repeatable); default: the recipe as it is")
+                        help="NAME[:KEY=VALUE,KEY=VALUE...] (repeatable); default: the recipe as it is. "
+                             "bench.muon_bf16=true: Muon's orthogonalisation in bf16, as PyTorch's own")
     parser.add_argument("--steps", type=int, help="a fixed number of steps instead of the time budget: compares "
                                                   "what variants learn per step, whatever the machine's speed")
     parser.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: each "

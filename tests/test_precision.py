@@ -71,3 +71,64 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch: pytest.MonkeyPa
     assert "torch.compile is unavailable here (no compiler on this machine)" in capsys.readouterr().err
     # auto means: only on CUDA
     assert device.compile_model(model, TrainingConfig(), torch.device("cpu")) is model
+
+
+def _newton_schulz_float64(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Muon's iteration written plainly, one matrix at a time in float64: the reference."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix.double().mT if matrix.size(0) > matrix.size(1) else matrix.double()
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if matrix.size(0) > matrix.size(1) else x
+
+
+def test_muon_orthogonalises_in_float32_as_the_plain_iteration_does() -> None:
+    torch.manual_seed(0)
+    # Shapes as in a block (tall, square, wide), two of one shape (batched together) and an odd one.
+    matrices = [torch.randn(shape) for shape in [(96, 32), (32, 32), (32, 86), (96, 32), (5, 7)]]
+    result = optim.orthogonalise(matrices, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    for matrix, got in zip(matrices, result, strict=True):
+        assert got.shape == matrix.shape and got.dtype == torch.float32
+        assert torch.allclose(got.double(), _newton_schulz_float64(matrix), atol=1e-5)
+        singular = torch.linalg.svdvals(got)  # near-orthogonal: Muon's iteration leaves them in about (0.5, 1.5)
+        assert singular.min() > 0.4 and singular.max() < 1.6
+
+
+def test_muon_in_float32_steps_as_pytorchs_and_shares_its_state() -> None:
+    shapes = [(96, 32), (32, 32), (32, 86)]
+
+    def weights() -> list[torch.nn.Parameter]:
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+
+    ours, theirs = weights(), weights()
+    options = {"lr": 0.01, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    ours_opt, theirs_opt = optim.Muon(ours, float32=True, **options), torch.optim.Muon(theirs, **options)
+    for step in range(3):
+        torch.manual_seed(step + 1)
+        for mine, other, shape in zip(ours, theirs, shapes, strict=True):
+            mine.grad = torch.randn(shape)
+            other.grad = mine.grad.clone()
+        ours_opt.step()
+        theirs_opt.step()
+    for mine, other, start in zip(ours, theirs, weights(), strict=True):
+        # PyTorch orthogonalises in bf16 (about 3 significant digits): the same steps up to that rounding (about
+        # 1% of the distance moved here; a missed term, such as the weight decay, is tens of percent).
+        assert (mine - other).norm().item() < 0.03 * (mine - start).norm().item()
+    # One state: a checkpoint written with either optimizer resumes with the other.
+    state = theirs_opt.state_dict()
+    ours_opt.load_state_dict(state)
+    assert ours_opt.state_dict()["param_groups"] == state["param_groups"]
+    assert all(torch.equal(ours_opt.state[p]["momentum_buffer"], theirs_opt.state[q]["momentum_buffer"])
+               for p, q in zip(ours, theirs, strict=True))
+
+
+def test_muon_orthogonalises_in_float32_only_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = GPT.from_config(Config(model=ModelConfig(**TINY_MODEL)), 12)
+    cfg, cpu = TrainingConfig(optimizer="muon"), torch.device("cpu")
+    for native in (False, True):
+        monkeypatch.setattr(device, "_cpu_has_native_bf16", lambda native=native: native)
+        muon = optim.make_optimizer(model, cfg, cpu).optimizers[0]
+        assert isinstance(muon, optim.Muon) and muon.float32 is not native

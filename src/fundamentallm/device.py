@@ -64,6 +64,14 @@ def autocast_dtype(device: torch.device, setting: bool | str) -> torch.dtype | N
     return None
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic is fast here: a CPU without bf16 instructions emulates it, several times slower than
+    float32."""
+    if device.type == "cpu":
+        return _cpu_has_native_bf16()
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
 def _cpu_has_native_bf16() -> bool:
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private API: absent in some versions
     return bool(probe()) if probe is not None else False

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fundamentallm.config import TrainingConfig
+from fundamentallm.device import native_bf16
 from fundamentallm.errors import UserError
 from fundamentallm.model import GPT
 
@@ -75,6 +76,66 @@ class MuonAdamW:
 Optimizer = torch.optim.Optimizer | MuonAdamW
 
 
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon`, with its Newton-Schulz orthogonalisation in float32 where the hardware has no native
+    bf16 (`float32=True`). PyTorch's runs in bf16, which such a CPU emulates: on a 2-core Xeon without bf16
+    instructions it took 70 of fast-cpu's 200 ms per step, against 17 ms in float32 (benchmarks/RESULTS.md,
+    "Muon in float32"). The same update otherwise, and the same state, so a checkpoint resumes with either."""
+
+    def __init__(self, params: list[torch.nn.Parameter], *, float32: bool, **options: Any) -> None:
+        super().__init__(params, **options)
+        self.float32 = float32
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if not self.float32:
+            return super().step(closure)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+            updates = [g.lerp(b, group["momentum"]) for g, b in zip(grads, buffers, strict=True)] \
+                if group["nesterov"] else buffers
+            lr = float(group["lr"])
+            for param, update in zip(params, orthogonalise(updates, group["ns_coefficients"], group["ns_steps"],
+                                                            group["eps"]), strict=True):
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-lr * _lr_ratio(group["adjust_lr_fn"], param.shape))
+        return None
+
+
+def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> list[torch.Tensor]:
+    """Muon's quintic Newton-Schulz iteration, in float32, on each matrix (those of one shape in one batch: fewer,
+    larger products)."""
+    a, b, c = coefficients
+    wide = [m.mT if m.size(0) > m.size(1) else m for m in matrices]  # iterate on the smaller Gram matrix
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(wide):
+        by_shape.setdefault(tuple(m.shape), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(matrices)
+    for indices in by_shape.values():
+        x = torch.stack([wide[i] for i in indices]).float()
+        x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        for i, result in zip(indices, x, strict=True):
+            out[i] = (result.mT if matrices[i].size(0) > matrices[i].size(1) else result).to(matrices[i].dtype)
+    return out
+
+
+def _lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """How Muon scales the learning rate for a matrix of this shape (as torch.optim.Muon does)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
+
+
 def make_optimizer(model: GPT, cfg: TrainingConfig, device: torch.device) -> Optimizer:
     """AdamW, or Muon for the blocks' weight matrices plus AdamW for everything else (training.optimizer)."""
     fused = device.type in ("cuda", "cpu")  # fused AdamW kernels exist for both since PyTorch 2.4
@@ -93,8 +154,8 @@ def make_optimizer(model: GPT, cfg: TrainingConfig, device: torch.device) -> Opt
     matrices = [p for block in model.blocks for p in block.parameters() if p.dim() == 2]
     ids = {id(p) for p in matrices}
     # match_rms_adamw scales Muon's orthogonalised update to AdamW's size, so one learning rate serves both.
-    muon = torch.optim.Muon(matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            adjust_lr_fn="match_rms_adamw")
+    muon = Muon(matrices, float32=not native_bf16(device), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                adjust_lr_fn="match_rms_adamw")
     return MuonAdamW(muon, adamw([p for p in model.parameters() if id(p) not in ids]))
 
 
