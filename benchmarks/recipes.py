@@ -145,7 +145,7 @@ def main() -> None:
         parser.error("--peer needs --peer-dir NANOGPT_DIR (git clone https://github.com/karpathy/nanoGPT)")
     variants = [(v.partition(":")[0], [s for s in v.partition(":")[2].split(",") if s]) for v in args.variant]
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                               "corpus": str(args.corpus), "recipe": args.recipe, "budget": args.budget,
+                               "corpus": args.corpus.name, "recipe": args.recipe, "budget": args.budget,
                                "target": args.target, "load_before": os.getloadavg(), "time": time.time(),
                                "runs": []}
     with tempfile.TemporaryDirectory(prefix="fundamentallm-recipes-") as tmp:

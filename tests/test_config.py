@@ -110,3 +110,40 @@ def test_set_override_reaches_the_saved_config(corpus: Path, tmp_path: Path) -> 
     assert saved["training"]["scheduler"] == "linear"
     assert saved["model"]["d_model"] == 32
     assert resolve_config(str(tmp_path / "run" / "config.yaml")).training.warmup_steps == 3
+
+
+def test_a_short_time_budget_takes_the_presets_short_budget_keys() -> None:
+    full = resolve_config("fast-cpu").model
+    notes: list[str] = []
+    short = resolve_config("fast-cpu", [("training.time_budget", "45s", "--time-budget")], notes=notes)
+    assert (short.model.num_layers, short.model.d_model) < (full.num_layers, full.d_model)
+    assert short.model.head_dim == full.head_dim and short.training.time_budget == 45
+    assert notes and "num_layers" in notes[0]
+    # A longer budget, or none, keeps the preset's model; so does a resumed run (its stored config has no section).
+    for budget in ("10m", None):
+        notes = []
+        assert resolve_config("fast-cpu", [("training.time_budget", budget, "--time-budget")], notes=notes).model \
+            == full and not notes
+    stored = (short.to_dict(), "checkpoint x.pt")
+    assert resolve_config(None, [("training.time_budget", "5m", "--time-budget")], base=stored).model == short.model
+
+
+def test_keys_given_on_the_command_line_beat_the_short_budget_section() -> None:
+    cfg = resolve_config("fast-cpu", [("training.time_budget", "45s", "--time-budget"),
+                                      ("model.num_layers", 4, "--set")])
+    assert cfg.model.num_layers == 4 and cfg.model.d_model < resolve_config("fast-cpu").model.d_model
+
+
+@pytest.mark.parametrize(("section", "needles"), [
+    ("short_budget:\n  model:\n    num_layers: 2\n", ["short_budget", "at_most"]),
+    ("short_budget:\n  at_most: soon\n", ["at_most", "'soon'", "duration"]),
+    ("short_budget:\n  at_most: 60s\n  model:\n    num_layer: 2\n", ["num_layer", "num_layers", "short_budget"]),
+    ("short_budget:\n  at_most: 60s\n  model: 2\n", ["'model' must be a mapping"]),
+])
+def test_a_wrong_short_budget_section_is_one_clear_error_on_any_run(tmp_path: Path, section: str,
+                                                                     needles: list[str]) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  d_model: 64\n" + section)
+    with pytest.raises(UserError) as caught:
+        resolve_config(str(path))  # no time budget: the section does not apply, and is checked all the same
+    assert all(needle in str(caught.value) for needle in needles), caught.value

@@ -426,28 +426,78 @@ def resolve_config(
     config: str | None = None,
     overrides: list[tuple[str, Any, str]] | None = None,
     base: tuple[dict[str, Any], str] | None = None,
+    notes: list[str] | None = None,
 ) -> Config:
     """Build a validated Config: a preset or YAML path (`config`), else `base` (a stored config and where it
     came from, e.g. a checkpoint being resumed), else the 'medium' preset; then (key, value, source) overrides.
-    Overrides whose value is None are flags that were not given."""
+    Overrides whose value is None are flags that were not given. When the source's `short_budget` section
+    applies (see _apply_short_budget), a line saying so is appended to `notes`."""
     if config is None and base is not None:
         tree, origin = copy.deepcopy(base[0]), base[1]
     else:
         tree, origin = load_config_source(config or "medium")
+    short_budget = tree.pop(SHORT_BUDGET, None)
     sources: dict[str, str] = {}
     for section, values in tree.items():
         sources[section] = origin
         if isinstance(values, dict):
             sources.update({f"{section}.{k}": origin for k in values})
+    overridden = set()
     for key, value, source in overrides or []:
         if value is None and source != "--set":
             continue
         _set_dotted(tree, key, value, source)
         sources[key] = source
+        overridden.add(key)
+    resolved = _validated(tree, sources)
+    if short_budget is None:
+        return resolved
+    return _apply_short_budget(resolved, tree, sources, overridden, short_budget, origin, notes)
+
+
+def _validated(tree: dict[str, Any], sources: dict[str, str]) -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
         raise UserError(_format_validation_error(exc, sources, tree)) from None
+
+
+SHORT_BUDGET = "short_budget"
+
+
+def _apply_short_budget(resolved: Config, tree: dict[str, Any], sources: dict[str, str], overridden: set[str],
+                        section: Any, origin: str, notes: list[str] | None) -> Config:
+    """A config's `short_budget` section: `at_most` (a duration) and keys of any section. A run whose time budget
+    is at most that long takes those keys (except the ones given on the command line): in a minute, a smaller
+    model that takes more steps learns more than the one a longer run wants. The section is checked whether it
+    applies or not, so a mistake in it shows on any run."""
+    where = f"{origin}, {SHORT_BUDGET}"
+    if not isinstance(section, dict) or "at_most" not in section:
+        raise UserError(f"{where}: give 'at_most' (a duration such as 60s) and the keys a run with a time budget "
+                        f"that short takes, e.g. model: {{num_layers: 2}}")
+    changes = {k: v for k, v in section.items() if k != "at_most"}
+    try:
+        at_most = TrainingConfig.model_validate({"time_budget": section["at_most"]}).time_budget
+    except ValidationError as exc:
+        raise UserError(f"{where}: at_most = {short_repr(section['at_most'])} is not a duration: "
+                        f"{exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    short_tree, short_sources = copy.deepcopy(tree), dict(sources)
+    applied = []
+    for name, values in changes.items():
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: '{name}' must be a mapping of keys, not {short_repr(values)}")
+        for key, value in values.items():
+            if f"{name}.{key}" not in overridden:
+                _set_dotted(short_tree, f"{name}.{key}", value, where)
+                short_sources[f"{name}.{key}"] = where
+                applied.append(f"{name}.{key}={short_repr(value)}")
+    short = _validated(short_tree, short_sources)
+    budget = resolved.training.time_budget
+    if budget is None or at_most is None or budget > at_most or not applied:
+        return resolved
+    if notes is not None:
+        notes.append(f"a time budget of at most {at_most:g}s: {', '.join(applied)}")
+    return short
 
 
 def config_from_dict(data: dict[str, Any], origin: str, strict: bool = False) -> Config:

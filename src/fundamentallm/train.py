@@ -107,10 +107,12 @@ def train_job(data: list[str], config_name: str | None, overrides: list[tuple[st
     init_checkpoint = ckpt.read_checkpoint(init_from) if init_from else None
     base = (resume_from.config.to_dict(), f"checkpoint {resume_from.path}") if resume_from else \
         init_base(init_checkpoint) if init_checkpoint else None
-    config = resolve_config(config_name, overrides, base=base)
+    notes: list[str] = []
+    config = resolve_config(config_name, overrides, base=base, notes=notes)
     init = FineTune(init_checkpoint, config, data, extend_vocab) if init_checkpoint else None
+    origin = config_name or (base[1] if base else "medium (default)")
     return TrainJob(config, data, Path(output_dir), device=device, resume_from=resume_from, overwrite=overwrite,
-                    tensorboard=tensorboard, config_origin=config_name or (base[1] if base else "medium (default)"),
+                    tensorboard=tensorboard, config_origin=f"{origin} ({'; '.join(notes)})" if notes else origin,
                     val_paths=val_data, init=init)
 
 
