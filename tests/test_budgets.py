@@ -115,3 +115,20 @@ def test_wsd_schedule_holds_the_peak_then_decays_in_a_straight_line(corpus: Path
     assert lrs[4:31] == pytest.approx([1e-2] * 27)  # stable until the last quarter of the 36 steps after it
     decay = lrs[31:]  # 9 steps down to a tenth of the peak, evenly
     assert decay == pytest.approx([1e-2 - 9e-3 * i / 9 for i in range(9)])
+
+
+def test_a_short_budget_trains_the_presets_smaller_model_and_says_so(corpus: Path, tmp_path: Path) -> None:
+    result = run_cli("train", corpus, "-o", tmp_path / "run", "--device", "cpu", "--config", "fast-cpu",
+                     "--time-budget", "6s", "--set", "training.sample_tokens=0")
+    assert result.exit_code == 0, result.stderr
+    assert "Model: fast-cpu (a time budget of at most 120s: model.num_layers=2, model.d_model=96" in result.output
+    model = read_checkpoint(tmp_path / "run" / "final_model.pt").config.model
+    assert (model.num_layers, model.d_model, model.num_heads, model.d_ff) == (2, 96, 3, 256)
+
+
+def test_a_time_budget_counts_from_the_process_start() -> None:
+    # The interpreter's start and the imports before main() are inside "from launch".
+    code = "import time; time.sleep(0.5); from fundamentallm.cli import _process_age; print(_process_age())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               env=subprocess_env()).stdout)
+    assert (0.5 if Path("/proc/self/stat").exists() else 0.0) <= age < 60  # where the system tells (Linux)
