@@ -79,7 +79,7 @@ Optimizer = torch.optim.Optimizer | MuonAdamW
 class Muon(torch.optim.Muon):
     """`torch.optim.Muon`, with its Newton-Schulz orthogonalisation in float32 where the hardware has no native
     bf16 (`float32=True`). PyTorch's runs in bf16, which such a CPU emulates: on a 2-core Xeon without bf16
-    instructions it took 70 of fast-cpu's 200 ms per step, against 17 ms in float32 (benchmarks/RESULTS.md,
+    instructions the optimizer took 81 of fast-cpu's 222 ms per step, 21 ms with this (benchmarks/RESULTS.md,
     "Muon in float32"). The same update otherwise, and the same state, so a checkpoint resumes with either."""
 
     def __init__(self, params: list[torch.nn.Parameter], *, float32: bool, **options: Any) -> None:
