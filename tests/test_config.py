@@ -132,11 +132,20 @@ def test_keys_given_on_the_command_line_beat_the_short_budget_section() -> None:
     cfg = resolve_config("fast-cpu", [("training.time_budget", "45s", "--time-budget"),
                                       ("model.num_layers", 4, "--set")])
     assert cfg.model.num_layers == 4 and cfg.model.d_model < resolve_config("fast-cpu").model.d_model
+    # Where the section does not apply, keys that would not go with its keys are fine (width 128 with its 3 heads
+    # would not divide)...
+    assert resolve_config("fast-cpu", [("model.d_model", 256, "--set")]).model.d_model == 256
+    # ... and where it does, the error says which keys the section set and what to do.
+    with pytest.raises(UserError) as caught:
+        resolve_config("fast-cpu", [("model.d_model", 256, "--set"), ("training.time_budget", "1m", "--time-budget")])
+    assert all(needle in str(caught.value) for needle in ("divisible", "short_budget", "model.num_heads=3",
+                                                            "longer budget")), caught.value
 
 
 @pytest.mark.parametrize(("section", "needles"), [
     ("short_budget:\n  model:\n    num_layers: 2\n", ["short_budget", "at_most"]),
     ("short_budget:\n  at_most: soon\n", ["at_most", "'soon'", "duration"]),
+    ("short_budget:\n  at_most: null\n  model:\n    num_layers: 2\n", ["short_budget", "at_most"]),
     ("short_budget:\n  at_most: 60s\n  model:\n    num_layer: 2\n", ["num_layer", "num_layers", "short_budget"]),
     ("short_budget:\n  at_most: 60s\n  model: 2\n", ["'model' must be a mapping"]),
 ])

@@ -91,7 +91,7 @@ def test_muon_orthogonalises_in_float32_as_the_plain_iteration_does() -> None:
     result = optim.orthogonalise(matrices, (3.4445, -4.7750, 2.0315), 5, 1e-7)
     for matrix, got in zip(matrices, result, strict=True):
         assert got.shape == matrix.shape and got.dtype == torch.float32
-        assert torch.allclose(got.double(), _newton_schulz_float64(matrix), atol=1e-5)
+        assert torch.allclose(got.double(), _newton_schulz_float64(matrix), atol=1e-4)
         singular = torch.linalg.svdvals(got)  # near-orthogonal: Muon's iteration leaves them in about (0.5, 1.5)
         assert singular.min() > 0.4 and singular.max() < 1.6
 

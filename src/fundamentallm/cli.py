@@ -680,6 +680,7 @@ def main() -> None:
 
 
 def _freeze_objects() -> None:
+    # Nothing may rely on a collection at exit to flush a file: every writer is closed (or flushed) explicitly.
     gc.disable()
     gc.freeze()
 
@@ -694,4 +695,6 @@ def _process_age() -> float:
         age = uptime - int(fields[19]) / ticks
     except (OSError, ValueError, IndexError):
         return 0.0
-    return age if 0.0 <= age < 60.0 else 0.0  # a minute before main() is not start-up: ignore such a clock
+    # Seconds more are not this program's start-up (a wrapper script that ran first and then exec'd it, or a clock
+    # that disagrees): they are not counted.
+    return age if 0.0 <= age < 10.0 else 0.0

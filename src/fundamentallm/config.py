@@ -437,6 +437,7 @@ def resolve_config(
     else:
         tree, origin = load_config_source(config or "medium")
     short_budget = tree.pop(SHORT_BUDGET, None)
+    file_tree = copy.deepcopy(tree)
     sources: dict[str, str] = {}
     for section, values in tree.items():
         sources[section] = origin
@@ -452,7 +453,17 @@ def resolve_config(
     resolved = _validated(tree, sources)
     if short_budget is None:
         return resolved
-    return _apply_short_budget(resolved, tree, sources, overridden, short_budget, origin, notes)
+    where = f"{origin}, {SHORT_BUDGET}"
+    at_most, changes = _read_short_budget(short_budget, where)
+    # The file with its section, without the command line's keys (which need not go with the section's when it
+    # does not apply): a mistake in the section is an error on every run.
+    _check_with_short_budget(file_tree, changes, origin, where)
+    return _apply_short_budget(resolved, tree, sources, overridden, at_most, changes, where, notes)
+
+
+def origin_text(origin: str, notes: list[str]) -> str:
+    """How a run's header names its config: where it came from, and what resolve_config noted."""
+    return f"{origin} ({'; '.join(notes)})" if notes else origin
 
 
 def _validated(tree: dict[str, Any], sources: dict[str, str]) -> Config:
@@ -466,38 +477,57 @@ SHORT_BUDGET = "short_budget"
 
 
 def _apply_short_budget(resolved: Config, tree: dict[str, Any], sources: dict[str, str], overridden: set[str],
-                        section: Any, origin: str, notes: list[str] | None) -> Config:
+                        at_most: float, changes: dict[str, Any], where: str, notes: list[str] | None) -> Config:
     """A config's `short_budget` section: `at_most` (a duration) and keys of any section. A run whose time budget
-    is at most that long takes those keys (except the ones given on the command line): in a minute, a smaller
-    model that takes more steps learns more than the one a longer run wants. The section is checked whether it
-    applies or not, so a mistake in it shows on any run."""
-    where = f"{origin}, {SHORT_BUDGET}"
-    if not isinstance(section, dict) or "at_most" not in section:
+    is at most that long takes those keys (except the ones given as flags or with --set): in a minute, a smaller
+    model that takes more steps learns more than the one a longer run wants."""
+    budget = resolved.training.time_budget
+    applied = {key: value for key, value in changes.items() if key not in overridden}
+    if budget is None or budget > at_most or not applied:
+        return resolved
+    short_tree, short_sources = copy.deepcopy(tree), dict(sources)
+    for key, value in applied.items():
+        _set_dotted(short_tree, key, value, where)
+        short_sources[key] = where
+    shown = ", ".join(f"{key}={short_repr(value)}" for key, value in applied.items())
+    try:
+        short = _validated(short_tree, short_sources)
+    except UserError as exc:  # e.g. --set model.d_model=128 beside the section's num_heads 3
+        raise UserError(f"{exc} (with a time budget of at most {at_most:g}s, {where} sets {shown}: give the keys "
+                        f"that go with yours too, or a longer budget)") from None
+    if notes is not None:
+        notes.append(f"a time budget of at most {at_most:g}s: {shown}")
+    return short
+
+
+def _read_short_budget(section: Any, where: str) -> tuple[float, dict[str, Any]]:
+    """The section's duration in seconds and its keys, dotted."""
+    if not isinstance(section, dict) or section.get("at_most") is None:
         raise UserError(f"{where}: give 'at_most' (a duration such as 60s) and the keys a run with a time budget "
                         f"that short takes, e.g. model: {{num_layers: 2}}")
-    changes = {k: v for k, v in section.items() if k != "at_most"}
     try:
         at_most = TrainingConfig.model_validate({"time_budget": section["at_most"]}).time_budget
     except ValidationError as exc:
         raise UserError(f"{where}: at_most = {short_repr(section['at_most'])} is not a duration: "
                         f"{exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-    short_tree, short_sources = copy.deepcopy(tree), dict(sources)
-    applied = []
-    for name, values in changes.items():
+    changes = {}
+    for name, values in section.items():
+        if name == "at_most":
+            continue
         if not isinstance(values, dict):
             raise UserError(f"{where}: '{name}' must be a mapping of keys, not {short_repr(values)}")
-        for key, value in values.items():
-            if f"{name}.{key}" not in overridden:
-                _set_dotted(short_tree, f"{name}.{key}", value, where)
-                short_sources[f"{name}.{key}"] = where
-                applied.append(f"{name}.{key}={short_repr(value)}")
-    short = _validated(short_tree, short_sources)
-    budget = resolved.training.time_budget
-    if budget is None or at_most is None or budget > at_most or not applied:
-        return resolved
-    if notes is not None:
-        notes.append(f"a time budget of at most {at_most:g}s: {', '.join(applied)}")
-    return short
+        changes.update({f"{name}.{key}": value for key, value in values.items()})
+    assert at_most is not None
+    return at_most, changes
+
+
+def _check_with_short_budget(file_tree: dict[str, Any], changes: dict[str, Any], origin: str, where: str) -> None:
+    checked = copy.deepcopy(file_tree)
+    sources = {key: origin for key in ("model", "training", "data")}
+    for key, value in changes.items():
+        _set_dotted(checked, key, value, where)
+        sources[key] = where
+    _validated(checked, sources)
 
 
 def config_from_dict(data: dict[str, Any], origin: str, strict: bool = False) -> Config:

@@ -69,7 +69,12 @@ def native_bf16(device: torch.device) -> bool:
     float32."""
     if device.type == "cpu":
         return _cpu_has_native_bf16()
-    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if device.type != "cuda":
+        return True
+    try:  # a GPU before Ampere (V100, T4) emulates bf16
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # PyTorch before the argument existed
+        return torch.cuda.is_bf16_supported()
 
 
 def _cpu_has_native_bf16() -> bool:

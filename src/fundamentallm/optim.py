@@ -90,12 +90,19 @@ class Muon(torch.optim.Muon):
     def step(self, closure: Any = None) -> Any:
         if not self.float32:
             return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
-            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
             updates = [g.lerp(b, group["momentum"]) for g, b in zip(grads, buffers, strict=True)] \
                 if group["nesterov"] else buffers
@@ -104,7 +111,7 @@ class Muon(torch.optim.Muon):
                                                             group["eps"]), strict=True):
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-lr * _lr_ratio(group["adjust_lr_fn"], param.shape))
-        return None
+        return loss
 
 
 def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,

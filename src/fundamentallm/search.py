@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fundamentallm.config import Config, parse_value, resolve_config
+from fundamentallm.config import Config, origin_text, parse_value, resolve_config
 from fundamentallm.console import info, warn
 from fundamentallm.data import prepare_data
 from fundamentallm.errors import TrainingFailed, UserError
@@ -315,9 +315,12 @@ def _run_trial(trial: optuna.Trial, axes: list[SpaceAxis], config_name: str | No
         return prune and trial.should_prune()
 
     try:
-        config = resolve_config(config_name, overrides + [(k, v, f"--space {k}") for k, v in values.items()])
+        notes: list[str] = []
+        config = resolve_config(config_name, overrides + [(k, v, f"--space {k}") for k, v in values.items()],
+                                notes=notes)
         result = train(TrainJob(config, data_paths, directory, device=device, resume_from=resume_from,
-                                overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium",
+                                overwrite=overwrite, tensorboard=tensorboard,
+                                config_origin=origin_text(config_name or "medium", notes),
                                 on_eval=on_eval))
     except (TrainingFailed, UserError) as exc:  # a result for this point of the space, not the search's end
         warn(f"{label} failed: {exc}")

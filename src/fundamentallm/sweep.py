@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from fundamentallm.config import Config, config_from_dict, parse_value, resolve_config
+from fundamentallm.config import Config, config_from_dict, origin_text, parse_value, resolve_config
 from fundamentallm.console import duration, info, warn
 from fundamentallm.data import prepare_data
 from fundamentallm.errors import TrainingFailed, UserError
@@ -61,6 +61,7 @@ class SweepRun:
     status: str = "pending"  # pending, finished, finished earlier, resumed, interrupted, failed
     error: str = ""
     row: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""  # how its header names the config
 
 
 def parse_grid(grids: list[str]) -> list[GridAxis]:
@@ -110,10 +111,11 @@ def plan(config_name: str | None, overrides: list[tuple[str, Any, str]], axes: l
     runs: list[SweepRun] = []
     for combo in itertools.product(*(a.values for a in axes)):
         grid_overrides = [(a.key, value, f"--grid {a.key}") for a, (_, value) in zip(axes, combo, strict=True)]
-        config = resolve_config(config_name, overrides + grid_overrides)
+        notes: list[str] = []
+        config = resolve_config(config_name, overrides + grid_overrides, notes=notes)
         name = _dir_name(axes, combo)
         runs.append(SweepRun(name, {a.key: text for a, (text, _) in zip(axes, combo, strict=True)}, config,
-                             output_dir / name))
+                             output_dir / name, origin=origin_text(config_name or "medium", notes)))
     if len({r.name for r in runs}) != len(runs):
         raise UserError("two --grid values give the same run directory name; write the values differently")
     for run in runs:
@@ -298,7 +300,7 @@ def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str 
         info(f"{label}")
     try:
         result = train(TrainJob(run.config, data_paths, run.directory, device=device, resume_from=resume_from,
-                                overwrite=overwrite, tensorboard=tensorboard, config_origin=config_name or "medium",
+                                overwrite=overwrite, tensorboard=tensorboard, config_origin=run.origin,
                                 val_paths=val_paths or []))
     except (TrainingFailed, UserError) as exc:
         # A learning rate too high for this batch, or a sequence length the data is too short for: a result for

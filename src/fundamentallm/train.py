@@ -23,7 +23,7 @@ import torch
 
 from fundamentallm import checkpoint as ckpt
 from fundamentallm import distributed
-from fundamentallm.config import Config, resolve_config, save_config
+from fundamentallm.config import Config, origin_text, resolve_config, save_config
 from fundamentallm.console import Progress, duration, info, is_quiet, set_quiet
 from fundamentallm.data import TokenData
 from fundamentallm.device import (
@@ -112,7 +112,7 @@ def train_job(data: list[str], config_name: str | None, overrides: list[tuple[st
     init = FineTune(init_checkpoint, config, data, extend_vocab) if init_checkpoint else None
     origin = config_name or (base[1] if base else "medium (default)")
     return TrainJob(config, data, Path(output_dir), device=device, resume_from=resume_from, overwrite=overwrite,
-                    tensorboard=tensorboard, config_origin=f"{origin} ({'; '.join(notes)})" if notes else origin,
+                    tensorboard=tensorboard, config_origin=origin_text(origin, notes),
                     val_paths=val_data, init=init)
 
 
