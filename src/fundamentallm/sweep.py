@@ -250,8 +250,8 @@ def run_sweep(config_name: str | None, overrides: list[tuple[str, Any, str]], gr
     interrupted_by: int | None = None
     with hold(output_dir):  # one sweep at a time in a directory (each run holds its own directory too)
         for index, run in enumerate(runs, start=1):
-            interrupted_by = _run_one(run, f"[{index}/{len(runs)}] {run.name}", data_paths, config_name, device,
-                                      tensorboard, val_paths)
+            interrupted_by = _run_one(run, f"[{index}/{len(runs)}] {run.name}", data_paths, device, tensorboard,
+                                      val_paths)
             run.row = summarize(run)
             write_results(sorted_rows(runs), csv_path)
             info()
@@ -278,8 +278,8 @@ def show_results(rows: list[dict[str, Any]], planned: int, output_dir: Path, csv
             warn(f"could not draw {output_dir / SWEEP_PLOT}: {exc}")
 
 
-def _run_one(run: SweepRun, label: str, data_paths: list[str], config_name: str | None, device: str,
-             tensorboard: bool, val_paths: list[str] | None) -> int | None:
+def _run_one(run: SweepRun, label: str, data_paths: list[str], device: str, tensorboard: bool,
+             val_paths: list[str] | None) -> int | None:
     """Skip, resume or start one combination; returns the signal that interrupted it, if one did."""
     state = inspect_run_dir(run.directory)
     if state.kind == "finished":
