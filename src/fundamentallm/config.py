@@ -437,7 +437,7 @@ def resolve_config(
     else:
         tree, origin = load_config_source(config or "medium")
     short_budget = tree.pop(SHORT_BUDGET, None)
-    file_tree = copy.deepcopy(tree)
+    file_tree = copy.deepcopy(tree) if short_budget is not None else tree
     sources: dict[str, str] = {}
     for section, values in tree.items():
         sources[section] = origin
@@ -457,7 +457,7 @@ def resolve_config(
     at_most, changes = _read_short_budget(short_budget, where)
     # The file with its section, without the command line's keys (which need not go with the section's when it
     # does not apply): a mistake in the section is an error on every run.
-    _check_with_short_budget(file_tree, changes, origin, where)
+    _validated_with(file_tree, {section: origin for section in Config.model_fields}, changes, where)
     return _apply_short_budget(resolved, tree, sources, overridden, at_most, changes, where, notes)
 
 
@@ -485,13 +485,9 @@ def _apply_short_budget(resolved: Config, tree: dict[str, Any], sources: dict[st
     applied = {key: value for key, value in changes.items() if key not in overridden}
     if budget is None or budget > at_most or not applied:
         return resolved
-    short_tree, short_sources = copy.deepcopy(tree), dict(sources)
-    for key, value in applied.items():
-        _set_dotted(short_tree, key, value, where)
-        short_sources[key] = where
     shown = ", ".join(f"{key}={short_repr(value)}" for key, value in applied.items())
     try:
-        short = _validated(short_tree, short_sources)
+        short = _validated_with(tree, sources, applied, where)
     except UserError as exc:  # e.g. --set model.d_model=128 beside the section's num_heads 3
         raise UserError(f"{exc} (with a time budget of at most {at_most:g}s, {where} sets {shown}: give the keys "
                         f"that go with yours too, or a longer budget)") from None
@@ -521,13 +517,13 @@ def _read_short_budget(section: Any, where: str) -> tuple[float, dict[str, Any]]
     return at_most, changes
 
 
-def _check_with_short_budget(file_tree: dict[str, Any], changes: dict[str, Any], origin: str, where: str) -> None:
-    checked = copy.deepcopy(file_tree)
-    sources = {key: origin for key in ("model", "training", "data")}
-    for key, value in changes.items():
-        _set_dotted(checked, key, value, where)
+def _validated_with(tree: dict[str, Any], sources: dict[str, str], keys: dict[str, Any], where: str) -> Config:
+    """`tree` with these dotted keys set (from `where`), validated; `tree` itself is left as it was."""
+    tree, sources = copy.deepcopy(tree), dict(sources)
+    for key, value in keys.items():
+        _set_dotted(tree, key, value, where)
         sources[key] = where
-    _validated(checked, sources)
+    return _validated(tree, sources)
 
 
 def config_from_dict(data: dict[str, Any], origin: str, strict: bool = False) -> Config:
