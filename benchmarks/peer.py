@@ -50,7 +50,7 @@ class QualityRow:
     target: float
     seconds_to_target: float | None
     step_at_target: int | None
-    best_val_loss: float
+    best_val_loss: float  # nats per character
     wall_seconds: float
     best_bits_per_char: float  # of the evaluation with the best loss: comparable across tokenizers
 

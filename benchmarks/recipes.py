@@ -10,8 +10,12 @@ Each run of ours is `fundamentallm train CORPUS --config RECIPE --time-budget B 
 process: the run measures its own speed and fixes its number of steps so that the learning-rate schedule ends
 within B seconds (counted from when training is set up; start-up comes on top). It evaluates on the whole
 validation split (the last 10% of the characters) at the end and after every `--eval-every` steps. Reported:
-the final and best validation loss (nats per token and bits per character) and the time from launch (the
-whole process, start-up included) to the first evaluation at or below `--target`.
+the final and best validation loss (nats per token, nats per character and bits per character) and the time
+from launch (the whole process, start-up included) to the first evaluation at or below `--target` nats per
+character (for a character model the same as per token; a BPE model's token spans several characters, so only
+the per-character figures compare across tokenizers). `--cold-cache` gives every run its own empty token cache,
+as a first run has (a BPE run then trains its tokenizer within its time); without it the runs share one cache,
+and only the first run of each tokenizer setting pays for it.
 
 `--peer` also runs nanoGPT's CPU recipe from its README (4 layers x 128, block 64, batch 12, no dropout, lr
 1e-3, 2000 iterations, fp32, no compile) from `--peer-dir` on the same corpus (characters, same 90/10 split),
@@ -47,7 +51,7 @@ MUON_BF16 = ("import fundamentallm.optim, fundamentallm.cli; "
 
 
 def ours(corpus: Path, recipe: str, sets: list[str], seed: int, budget: float, eval_every: int, target: float,
-         workdir: Path, name: str, steps: int | None = None) -> dict[str, Any]:
+         workdir: Path, name: str, steps: int | None = None, cold_cache: bool = False) -> dict[str, Any]:
     out = workdir / f"{name}-seed{seed}"
     limit = ["--max-steps", str(steps)] if steps else ["--time-budget", f"{budget}s"]
     launcher = ["-c", MUON_BF16] if "bench.muon_bf16=true" in sets else ["-m", "fundamentallm"]
@@ -56,8 +60,9 @@ def ours(corpus: Path, recipe: str, sets: list[str], seed: int, budget: float, e
            "--device", "cpu", "--epochs", "1000", *limit, "--seed", str(seed),
            "--set", f"training.eval_interval={eval_every}", "--set", "training.sample_tokens=0",
            "--set", "training.save_best=false", *[arg for s in sets for arg in ("--set", s)]]
+    cache = workdir / (f"cache-{name}-seed{seed}" if cold_cache else "cache")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get(
-        "PYTHONPATH")])), "FUNDAMENTALLM_CACHE_DIR": str(workdir / "cache")}
+        "PYTHONPATH")])), "FUNDAMENTALLM_CACHE_DIR": str(cache)}
     launched = time.time()
     with open(f"{out}.log", "w") as log:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -67,11 +72,14 @@ def ours(corpus: Path, recipe: str, sets: list[str], seed: int, budget: float, e
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     run = next(r for r in records if r["kind"] == "run")
     evals = [r for r in records if r["kind"] == "eval"]
-    hit = next((r for r in evals if r["val_loss"] <= target), None)
+    for r in evals:
+        r["nats_per_char"] = r["bits_per_char"] * math.log(2)
+    hit = next((r for r in evals if r["nats_per_char"] <= target), None)
     best = min(evals, key=lambda r: r["val_loss"])
     return {"variant": name, "seed": seed, "sets": sets, "steps": evals[-1]["step"], "wall_seconds": wall,
             "startup_seconds": run["time"] - launched, "final_val_loss": evals[-1]["val_loss"],
-            "final_bits_per_char": evals[-1]["bits_per_char"], "best_val_loss": best["val_loss"],
+            "final_nats_per_char": evals[-1]["nats_per_char"], "final_bits_per_char": evals[-1]["bits_per_char"],
+            "best_val_loss": best["val_loss"], "best_nats_per_char": best["nats_per_char"],
             "best_bits_per_char": best["bits_per_char"],
             "seconds_to_target": hit["time"] - launched if hit else None, "parameters": run["parameters"]}
 
@@ -92,7 +100,7 @@ def nanogpt(corpus: Path, peer_dir: Path, wall: float, workdir: Path) -> dict[st
 
     peer._run([*NANOGPT_CPU, "--dataset=fundamentallm", *device_args("cpu")], on_line, timeout=wall + 60)
     step, best, seconds = min(evals, key=lambda e: e[1])
-    return {"variant": "nanoGPT CPU recipe", "steps": step, "best_val_loss": best,
+    return {"variant": "nanoGPT CPU recipe", "steps": step, "best_val_loss": best, "best_nats_per_char": best,
             "best_bits_per_char": best / math.log(2), "seconds_at_best": seconds, "wall_seconds": wall}
 
 
@@ -107,8 +115,9 @@ def _spread(group: list[dict[str, Any]], key: str, fmt: str) -> str:
 
 
 def summarise(rows: list[dict[str, Any]], target: float) -> str:
-    lines = ["| variant | seeds | steps | final val loss (nats) | final bits/char | best val loss | "
-             f"time to <= {target} from launch (s) | wall (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | seeds | steps | final val loss (nats/token) | final nats/char | final bits/char | "
+             f"best nats/char | time to <= {target} nats/char from launch (s) | wall (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in dict.fromkeys(r["variant"] for r in rows):
         group = [r for r in rows if r["variant"] == name]
         hits = sum(r.get("seconds_to_target") is not None for r in group)
@@ -117,8 +126,9 @@ def summarise(rows: list[dict[str, Any]], target: float) -> str:
         if "final_val_loss" not in group[0]:  # nanoGPT: no time to target measured
             to_target = "-"
         lines.append(f"| {name} | {len(group)} | {_spread(group, 'steps', '.0f')} | "
-                     f"{_spread(group, 'final_val_loss', '.4f')} | {_spread(group, 'final_bits_per_char', '.3f')} | "
-                     f"{_spread(group, 'best_val_loss', '.4f')} | {to_target} | "
+                     f"{_spread(group, 'final_val_loss', '.4f')} | {_spread(group, 'final_nats_per_char', '.4f')} | "
+                     f"{_spread(group, 'final_bits_per_char', '.3f')} | "
+                     f"{_spread(group, 'best_nats_per_char', '.4f')} | {to_target} | "
                      f"{_spread(group, 'wall_seconds', '.1f')} |")
     return "\n".join(lines)
 
@@ -136,7 +146,8 @@ def main() -> None:
                                                   "what variants learn per step, whatever the machine's speed")
     parser.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: each "
                                                                   "epoch and at the end)")
-    parser.add_argument("--target", type=float, default=1.70)
+    parser.add_argument("--target", type=float, default=1.70, help="validation loss in nats per character")
+    parser.add_argument("--cold-cache", action="store_true", help="an empty token cache for every run")
     parser.add_argument("--peer", action="store_true", help="also run nanoGPT's CPU recipe for the same wall time")
     parser.add_argument("--peer-dir", type=Path, metavar="NANOGPT_DIR", help="a nanoGPT checkout, for --peer")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "recipes.json")
@@ -153,8 +164,9 @@ def main() -> None:
             for name, sets in variants or [("base", [])]:
                 print(f"{name} seed {seed} ({args.budget:.0f} s) ...", flush=True)
                 row = ours(args.corpus, args.recipe, sets, seed, args.budget, args.eval_every, args.target,
-                           Path(tmp), name, args.steps)
-                print(f"  final {row['final_val_loss']:.4f}, best {row['best_val_loss']:.4f}, {row['steps']} steps, "
+                           Path(tmp), name, args.steps, args.cold_cache)
+                print(f"  final {row['final_val_loss']:.4f} ({row['final_nats_per_char']:.4f} nats/char), best "
+                      f"{row['best_val_loss']:.4f}, {row['steps']} steps, "
                       f"to target {row['seconds_to_target']}, wall {row['wall_seconds']:.1f}", flush=True)
                 results["runs"].append(row)
         if args.peer:

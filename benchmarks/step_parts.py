@@ -45,11 +45,12 @@ def step_parts(preset: str, float32: bool, steps: int) -> dict[str, float]:
     """Median milliseconds of each part of `steps` optimizer steps (after 5 untimed ones)."""
     config = resolve_config(preset)
     t = config.training
-    model = GPT.from_config(config, 66)
+    vocab = config.data.vocab_size if config.data.tokenizer == "bpe" else 66  # 66: tinyshakespeare's characters
+    model = GPT.from_config(config, vocab)
     optim.native_bf16 = lambda device: not float32  # the one choice compared
     optimizer = optim.make_optimizer(model, t, torch.device("cpu"))
-    x = torch.randint(0, 66, (t.batch_size, t.sequence_length))
-    y = torch.randint(0, 66, (t.batch_size, t.sequence_length))
+    x = torch.randint(0, vocab, (t.batch_size, t.sequence_length))
+    y = torch.randint(0, vocab, (t.batch_size, t.sequence_length))
     timings: list[tuple[float, ...]] = []
     for i in range(steps + 5):
         start = time.perf_counter()

@@ -122,8 +122,10 @@ def test_a_short_budget_trains_the_presets_smaller_model_and_says_so(corpus: Pat
                      "--time-budget", "6s", "--set", "training.sample_tokens=0")
     assert result.exit_code == 0, result.stderr
     assert "Model: fast-cpu (a time budget of at most 120s: model.num_layers=2, model.d_model=96" in result.output
-    model = read_checkpoint(tmp_path / "run" / "final_model.pt").config.model
+    checkpoint = read_checkpoint(tmp_path / "run" / "final_model.pt")
+    model = checkpoint.config.model
     assert (model.num_layers, model.d_model, model.num_heads, model.d_ff) == (2, 96, 3, 256)
+    assert checkpoint.tokenizer.kind == "bpe" and model.dropout == 0
 
 
 def test_a_time_budget_counts_from_the_process_start() -> None:

@@ -118,7 +118,8 @@ def test_a_short_time_budget_takes_the_presets_short_budget_keys() -> None:
     short = resolve_config("fast-cpu", [("training.time_budget", "45s", "--time-budget")], notes=notes)
     assert (short.model.num_layers, short.model.d_model) < (full.num_layers, full.d_model)
     assert short.model.head_dim == full.head_dim and short.training.time_budget == 45
-    assert notes and "num_layers" in notes[0]
+    assert short.model.dropout == 0 < resolve_config("fast-cpu").model.dropout  # too few passes to overfit
+    assert notes and "num_layers" in notes[0] and "model.dropout=0.0" in notes[0]
     # A longer budget, or none, keeps the preset's model; so does a resumed run (its stored config has no section).
     for budget in ("10m", None):
         notes = []

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, assert_clean_error, run_cli, train_tiny
+from helpers import ROOT, TINY, assert_clean_error, run_cli, run_started_subprocess, subprocess_env, train_tiny
 
 from fundamentallm.checkpoint import Checkpoint, DataInfo, TrainingProgress, read_checkpoint, write_checkpoint
 from fundamentallm.config import resolve_config
@@ -212,3 +213,22 @@ def test_checkpoints_written_before_the_new_tokenizers_still_load(tmp_path: Path
     torch.save(payload, tmp_path / "old.pt")
     old = read_checkpoint(tmp_path / "old.pt")
     assert old.data.val_files == [] and old.tokenizer.kind == "char" and not old.tokenizer.has_unknown
+
+
+def test_without_the_tokenizers_package_a_bpe_run_stops_with_both_ways_out(alice: Path, tmp_path: Path) -> None:
+    """fast-cpu trains BPE, which needs an optional package: without it the run stops before training, in one
+    line that names the install command and the character alternative, and the alternative works."""
+    blocked = tmp_path / "blocked" / "tokenizers"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('not installed, for this test')\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(blocked.parent), env["PYTHONPATH"]])
+    common = ["--config", "fast-cpu", "--max-steps", "2", "--device", "cpu", "--set", "training.sample_tokens=0"]
+    stopped = run_started_subprocess("train", alice, *common, "-o", tmp_path / "bpe", env=env)
+    assert_clean_error(stopped, "needs the tokenizers package", "pip install 'fundamentallm[bpe]'",
+                       "--set data.tokenizer=char")
+    assert not (tmp_path / "bpe" / "final_model.pt").exists()
+    chars = run_started_subprocess("train", alice, *common, "--set", "data.tokenizer=char", "-o", tmp_path / "char",
+                                   env=env)
+    assert chars.returncode == 0, chars.stderr
+    assert read_checkpoint(tmp_path / "char" / "final_model.pt").tokenizer.kind == "char"

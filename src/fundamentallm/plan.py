@@ -107,7 +107,7 @@ class Planner:
                  f"{warmup_for(cfg, self.total_steps)} steps")
         note = ""
         if run.device.type == "cpu" and self.config_origin.endswith("(default)"):
-            note = ("; no GPU here and no --config given: --config fast-cpu trains a good character model on a "
+            note = ("; no GPU here and no --config given: --config fast-cpu trains a good model on a "
                     "CPU in minutes")
         per_epoch = seconds_per_step * run.steps_per_epoch
         info(f"Speed: {run.tokens_per_step / seconds_per_step:,.0f} tokens/s, about {duration(per_epoch)} per "

@@ -226,7 +226,8 @@ def _tokenizers_library() -> Any:
     try:
         import tokenizers
     except ImportError:
-        raise UserError(f"the bpe tokenizer needs the tokenizers package: {BPE_INSTALL_HINT}") from None
+        raise UserError(f"the bpe tokenizer (fast-cpu's) needs the tokenizers package: {BPE_INSTALL_HINT}; or "
+                        f"train on characters with --set data.tokenizer=char") from None
     return tokenizers
 
 
