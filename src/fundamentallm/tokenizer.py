@@ -222,12 +222,11 @@ class ByteTokenizer(Tokenizer):
         return cls()
 
 
-def _tokenizers_library() -> Any:
+def _tokenizers_library(alternative: str = "") -> Any:
     try:
         import tokenizers
     except ImportError:
-        raise UserError(f"the bpe tokenizer (fast-cpu's) needs the tokenizers package: {BPE_INSTALL_HINT}; or "
-                        f"train on characters with --set data.tokenizer=char") from None
+        raise UserError(f"the bpe tokenizer needs the tokenizers package: {BPE_INSTALL_HINT}{alternative}") from None
     return tokenizers
 
 
@@ -263,7 +262,7 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Learn the merges from a stream of text chunks; only the words' counts are held in memory."""
-        library = _tokenizers_library()
+        library = _tokenizers_library("; or train on characters: --set data.tokenizer=char (fast-cpu trains BPE)")
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         tokenizer = library.Tokenizer(models.BPE())
