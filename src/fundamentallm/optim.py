@@ -119,7 +119,8 @@ def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float
     """Muon's quintic Newton-Schulz iteration, in float32, on each matrix (those of one shape in one batch: fewer,
     larger products)."""
     a, b, c = coefficients
-    wide = [m.mT if m.size(0) > m.size(1) else m for m in matrices]  # iterate on the smaller Gram matrix
+    tall = [m.size(0) > m.size(1) for m in matrices]
+    wide = [m.mT if t else m for m, t in zip(matrices, tall, strict=True)]  # iterate on the smaller Gram matrix
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(wide):
         by_shape.setdefault(tuple(m.shape), []).append(i)
@@ -131,7 +132,7 @@ def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float
             gram = x @ x.mT
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
         for i, result in zip(indices, x, strict=True):
-            out[i] = (result.mT if matrices[i].size(0) > matrices[i].size(1) else result).to(matrices[i].dtype)
+            out[i] = (result.mT if tall[i] else result).to(matrices[i].dtype)
     return out
 
 
