@@ -33,6 +33,7 @@ PROBE_BATCHES = 2  # evaluation batches timed after the calibration, to know wha
 FINISH_SECONDS = 1.0
 PACE_EVERY = 0.05  # under a time budget, the plan is re-fixed every 5% of the planned steps (at least every 10)
 PACE_SHOWN = (0.5, 0.75)  # the re-checks that are reported
+RECENT_WEIGHT = 0.2  # how much each step's own time moves the recent pace that the deadline check uses
 
 
 def plan_steps(run: Run, resumed: bool, output_dir: Path) -> int:
@@ -76,9 +77,19 @@ class Planner:
         self.final_eval = 0.0  # seconds the last evaluation will take, at the latest pace
         self.eval_steps = 0.0  # what an evaluation costs, in training steps (measured once per session)
         self.shown = list(PACE_SHOWN)
+        self.step_clock = 0.0  # when the last step ended (restarted after an evaluation)
+        self.recent = 0.0  # seconds per step over the last few steps, evaluations left out
+
+    def restart_clock(self) -> None:
+        """An evaluation just ended: the next step's time is counted from now."""
+        self.step_clock = time.perf_counter()
 
     def after_step(self, loss: torch.Tensor) -> int:
         step = self.run.progress.step
+        now = time.perf_counter()
+        if self.recent:
+            self.recent += RECENT_WEIGHT * (now - self.step_clock - self.recent)
+        self.step_clock = now
         if step == self.first_step + 1:
             loss.item()  # wait for the device, so the clock measures the steps, not their queueing
             self.timer = time.perf_counter()
@@ -89,6 +100,8 @@ class Planner:
                 self.eval_steps = _time_evaluation(self.run) / seconds_per_step
             self.last_check = (step, self.run.elapsed())  # the next pace is the steps' alone
             self.final_eval = self.eval_steps * seconds_per_step
+            self.recent = seconds_per_step
+            self.step_clock = time.perf_counter()
             self._settle(seconds_per_step)
         elif self.run.cfg.time_budget and self.last_check is not None:
             self._keep_to_budget(step)
@@ -119,7 +132,8 @@ class Planner:
         last check, evaluations included (they recur at the same rate). A cosine schedule stretches or shrinks a
         little from here; wsd's stable phase absorbs it."""
         run, (checked_step, checked_at) = self.run, self.last_check
-        if distributed.any_rank(run.dist, run.elapsed() + self.final_eval + FINISH_SECONDS >= run.cfg.time_budget):
+        if distributed.any_rank(run.dist, out_of_time(run.elapsed(), run.cfg.time_budget, self.recent,
+                                                      self.final_eval, self.eval_steps)):
             if self.total_steps > step:
                 info(f"Time budget {duration(run.cfg.time_budget)} reached at step {step:,} (planned: "
                      f"{self.total_steps:,}): the machine slowed down; ending the run here")
@@ -138,6 +152,14 @@ class Planner:
             info(f"Time budget, pace at step {step:,}: {seconds_per_step:.3g} s per step (evaluations included), "
                  f"so {planned:,} steps in all (planned: {self.total_steps:,})")
         self.total_steps = planned
+
+
+def out_of_time(elapsed: float, budget: float, recent: float, final_eval: float, eval_steps: float) -> bool:
+    """Whether one more step would leave too little of the budget for the last evaluation and what follows it.
+    The evaluation's cost is the larger of two estimates: from the pace at the last re-check, and from the last
+    few steps (a machine that slowed down since then evaluates slower too)."""
+    last_evaluation = max(final_eval, eval_steps * recent)
+    return elapsed + recent + last_evaluation + FINISH_SECONDS >= budget
 
 
 def _time_evaluation(run: Run) -> float:

@@ -217,6 +217,7 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
             if eval_due:
                 stopped_early = evaluate(run, log, output_dir, mid_epoch=True)
                 window.start = time.perf_counter()  # tokens/s measures training, not evaluation
+                planner.restart_clock()
                 if stopped_early:
                     break
             if distributed.any_rank(run.dist, stop.signum is not None):
@@ -227,6 +228,7 @@ def train_loop(run: Run, total_steps: int, output_dir: Path, log: MetricsLog | N
         bar.close()  # the end of an epoch, or of training when max_steps or early stopping ends it mid-epoch
         stopped_early = end_epoch(run, log, output_dir, stopped_early)
         window.start = time.perf_counter()
+        planner.restart_clock()
 
     state.elapsed_seconds = run.elapsed()
     save_checkpoint(run, output_dir / FINAL)
