@@ -7,8 +7,9 @@ and the speed of training and applying BPE on a big corpus.
     python benchmarks/tokenizers.py --skip-quality --bpe-corpus gutenberg_100M.txt.xz
 
 Quality rows: each runs `fundamentallm train CORPUS --config fast-cpu --set data.tokenizer=...` in a child
-process (a fast-cpu-sized model: 4 layers, width 128, context 128 tokens, Muon, no dropout), with a constant
-learning rate after the warm-up (no run knows in advance how many steps its budget buys), and stops it with SIGINT once
+process (a fast-cpu-sized model: 4 layers, width 128, context 128 tokens, Muon, no dropout, weight decay 0.1), with
+a constant learning rate after the warm-up (no run knows in advance how many steps its budget buys), and stops it
+with SIGINT once
 `--budget` seconds of wall time have passed since launch (tokenizing and training BPE included), exactly as a
 user pressing Ctrl-C would. The checkpoint it saves is then scored by `fundamentallm evaluate` on the whole
 validation split (the last 10% of the characters, the same text for every tokenizer): bits per character are
@@ -69,7 +70,8 @@ def quality_row(corpus: Path, kind: str, vocab_size: int | None, budget: float, 
     run = workdir / name
     cmd = [sys.executable, "-m", "fundamentallm", "train", str(corpus), "--config", "fast-cpu", "-o", str(run),
            "--device", "cpu", "--epochs", "1000", "--set", f"data.tokenizer={kind}",
-           "--set", "training.scheduler=constant", "--set", "model.dropout=0", "--set", "training.eval_batches=4",
+           "--set", "training.scheduler=constant", "--set", "model.dropout=0", "--set", "training.weight_decay=0.1",
+           "--set", "training.eval_batches=4",
            "--set", "training.save_best=false", *extra]
     if vocab_size is not None:
         cmd += ["--set", f"data.vocab_size={vocab_size}"]

@@ -138,12 +138,12 @@ def test_a_time_budget_counts_from_the_process_start() -> None:
 
 
 def test_the_deadline_leaves_room_for_one_more_step_and_a_last_evaluation_slowed_since_the_last_check() -> None:
-    # A 100 s budget, 1 s kept for the final checkpoint and plot; at the last re-check a step took 0.5 s and the
-    # last evaluation was costed at 8 steps (4 s).
-    assert not out_of_time(90.0, 100.0, recent=0.5, final_eval=4.0, eval_steps=8)  # 90 + 0.5 + 4 + 1 < 100
-    assert out_of_time(94.6, 100.0, recent=0.5, final_eval=4.0, eval_steps=8)  # the next step would not fit
+    # A 100 s budget, 1.5 s kept for the final checkpoint, plot and exit; at the last re-check a step took 0.5 s
+    # and the last evaluation was costed at 8 steps (4 s).
+    assert not out_of_time(90.0, 100.0, recent=0.5, final_eval=4.0, eval_steps=8)  # 90 + 0.5 + 4 + 1.5 < 100
+    assert out_of_time(94.1, 100.0, recent=0.5, final_eval=4.0, eval_steps=8)  # the next step would not fit
     # The machine slowed twofold since: steps take 1 s and so will the evaluation's 8 steps' worth. Costed at the
-    # last check's pace (93 + 4 + 1 < 100) the run would go on and end past its budget.
-    assert out_of_time(93.0, 100.0, recent=1.0, final_eval=4.0, eval_steps=8)
+    # last check's pace (92.5 + 4 + 1.5 < 100) the run would go on and end past its budget.
+    assert out_of_time(92.5, 100.0, recent=1.0, final_eval=4.0, eval_steps=8)
     # Faster since: the evaluation is still costed at the last check's pace, the slower of the two.
-    assert out_of_time(94.8, 100.0, recent=0.25, final_eval=4.0, eval_steps=8)  # 94.8 + 0.25 + 4 + 1 > 100
+    assert out_of_time(94.3, 100.0, recent=0.25, final_eval=4.0, eval_steps=8)  # 94.3 + 0.25 + 4 + 1.5 > 100
