@@ -8,7 +8,7 @@ own CPU recipe for the same wall time beside them.
 
 Each run of ours is `fundamentallm train CORPUS --config RECIPE --time-budget B --seed S --set ...` in a child
 process: the run measures its own speed and fixes its number of steps so that the learning-rate schedule ends
-within B seconds (counted from when training is set up; start-up comes on top). It evaluates on the whole
+within B seconds of the command's launch (start-up, data and the final evaluation included). It evaluates on the whole
 validation split (the last 10% of the characters) at the end and after every `--eval-every` steps. Reported:
 the final and best validation loss (nats per token, nats per character and bits per character) and the time
 from launch (the whole process, start-up included) to the first evaluation at or below `--target` nats per
