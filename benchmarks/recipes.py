@@ -8,10 +8,10 @@ own CPU recipe for the same wall time beside them.
 
 Each run of ours is `fundamentallm train CORPUS --config RECIPE --time-budget B --seed S --set ...` in a child
 process: the run measures its own speed and fixes its number of steps so that the learning-rate schedule ends
-within B seconds of the command's launch (start-up, data and the final evaluation included). It evaluates on the whole
-validation split (the last 10% of the characters) at the end and after every `--eval-every` steps. Reported:
-the final and best validation loss (nats per token, nats per character and bits per character) and the time
-from launch (the whole process, start-up included) to the first evaluation at or below `--target` nats per
+within B seconds of the command's launch (start-up, data and the final evaluation included). It evaluates on
+the whole validation split (the last 10% of the characters) at the end and after every `--eval-every` steps.
+Reported: the final and best validation loss (nats per token, nats per character and bits per character) and
+the time from launch (the whole process, start-up included) to the first evaluation at or below `--target` nats per
 character (for a character model the same as per token; a BPE model's token spans several characters, so only
 the per-character figures compare across tokenizers). `--cold-cache` gives every run its own empty token cache,
 as a first run has (a BPE run then trains its tokenizer within its time); without it the runs share one cache,
