@@ -15,7 +15,9 @@ the time from launch (the whole process, start-up included) to the first evaluat
 character (for a character model the same as per token; a BPE model's token spans several characters, so only
 the per-character figures compare across tokenizers). `--cold-cache` gives every run its own empty token cache,
 as a first run has (a BPE run then trains its tokenizer within its time); without it the runs share one cache,
-and only the first run of each tokenizer setting pays for it.
+and only the first run of each tokenizer setting pays for it. `--steps N` trains every run for N steps instead,
+which compares what the variants learn per step whatever the machine's speed; `--jobs 2` then runs two at a
+time with the cores shared between them.
 
 `--peer` also runs nanoGPT's CPU recipe from its README (4 layers x 128, block 64, batch 12, no dropout, lr
 1e-3, 2000 iterations, fp32, no compile) from `--peer-dir` on the same corpus (characters, same 90/10 split),
@@ -26,6 +28,7 @@ stopped once `--budget` plus our mean start-up has passed since its launch: its 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -51,9 +54,11 @@ MUON_BF16 = ("import fundamentallm.optim, fundamentallm.cli; "
 
 
 def ours(corpus: Path, recipe: str, sets: list[str], seed: int, budget: float, eval_every: int, target: float,
-         workdir: Path, name: str, steps: int | None = None, cold_cache: bool = False) -> dict[str, Any]:
+         workdir: Path, name: str, steps: int | None = None, cold_cache: bool = False,
+         threads: int | None = None) -> dict[str, Any]:
     out = workdir / f"{name}-seed{seed}"
     limit = ["--max-steps", str(steps)] if steps else ["--time-budget", f"{budget}s"]
+    limit += ["--threads", str(threads)] if threads else []
     launcher = ["-c", MUON_BF16] if "bench.muon_bf16=true" in sets else ["-m", "fundamentallm"]
     sets = [s for s in sets if not s.startswith("bench.")]
     cmd = [sys.executable, *launcher, "train", str(corpus), "--config", recipe, "-o", str(out),
@@ -144,6 +149,9 @@ def main() -> None:
                              "bench.muon_bf16=true: Muon's orthogonalisation in bf16, as PyTorch's own")
     parser.add_argument("--steps", type=int, help="a fixed number of steps instead of the time budget: compares "
                                                   "what variants learn per step, whatever the machine's speed")
+    parser.add_argument("--jobs", type=int, default=1, help="with --steps: runs at a time, the cores shared "
+                                                               "evenly between them (what a run learns per step "
+                                                               "does not depend on its speed)")
     parser.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: each "
                                                                   "epoch and at the end)")
     parser.add_argument("--target", type=float, default=1.70, help="validation loss in nats per character")
@@ -152,30 +160,43 @@ def main() -> None:
     parser.add_argument("--peer-dir", type=Path, metavar="NANOGPT_DIR", help="a nanoGPT checkout, for --peer")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "recipes.json")
     args = parser.parse_args()
+    if args.jobs > 1 and not args.steps:
+        parser.error("--jobs needs --steps: a time budget's result depends on the run having the cores to itself")
     if args.peer and args.peer_dir is None:
         parser.error("--peer needs --peer-dir NANOGPT_DIR (git clone https://github.com/karpathy/nanoGPT)")
     variants = [(v.partition(":")[0], [s for s in v.partition(":")[2].split(",") if s]) for v in args.variant]
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                                "corpus": args.corpus.name, "recipe": args.recipe, "budget": args.budget,
-                               "target": args.target, "load_before": os.getloadavg(), "time": time.time(),
+                               "target": args.target, "steps": args.steps, "jobs": args.jobs,
+                               "load_before": os.getloadavg(), "time": time.time(),
                                "runs": []}
     with tempfile.TemporaryDirectory(prefix="fundamentallm-recipes-") as tmp:
-        for seed in [int(s) for s in args.seeds.split(",")]:  # seeds outermost: drift hits every variant alike
-            for name, sets in variants or [("base", [])]:
-                print(f"{name} seed {seed} ({args.budget:.0f} s) ...", flush=True)
-                row = ours(args.corpus, args.recipe, sets, seed, args.budget, args.eval_every, args.target,
-                           Path(tmp), name, args.steps, args.cold_cache)
-                print(f"  final {row['final_val_loss']:.4f} ({row['final_nats_per_char']:.4f} nats/char), best "
-                      f"{row['best_val_loss']:.4f}, {row['steps']} steps, "
-                      f"to target {row['seconds_to_target']}, wall {row['wall_seconds']:.1f}", flush=True)
-                results["runs"].append(row)
+        # Seeds outermost: drift in the machine's speed hits every variant alike.
+        runs = [(seed, name, sets) for seed in [int(s) for s in args.seeds.split(",")]
+                for name, sets in variants or [("base", [])]]
+        threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+        def one(run: tuple[int, str, list[str]]) -> dict[str, Any]:
+            seed, name, sets = run
+            print(f"{name} seed {seed} ({f'{args.steps} steps' if args.steps else f'{args.budget:.0f} s'}) ...",
+                  flush=True)
+            row = ours(args.corpus, args.recipe, sets, seed, args.budget, args.eval_every, args.target,
+                       Path(tmp), name, args.steps, args.cold_cache, threads)
+            print(f"  {name} seed {seed}: final {row['final_val_loss']:.4f} ({row['final_nats_per_char']:.4f} "
+                  f"nats/char), best {row['best_val_loss']:.4f}, {row['steps']} steps, "
+                  f"to target {row['seconds_to_target']}, wall {row['wall_seconds']:.1f}", flush=True)
+            return row
+
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            results["runs"].extend(pool.map(one, runs))
         if args.peer:
             startup = statistics.mean(r["startup_seconds"] for r in results["runs"])
             print(f"nanoGPT CPU recipe ({args.budget + startup:.0f} s from launch) ...", flush=True)
             results["runs"].append(nanogpt(args.corpus, args.peer_dir, args.budget + startup, Path(tmp)))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
-    print(f"\n{args.corpus.name}, recipe {args.recipe}, {args.budget:.0f} s budget, load before "
+    limit = f"{args.steps} steps" if args.steps else f"{args.budget:.0f} s budget"
+    print(f"\n{args.corpus.name}, recipe {args.recipe}, {limit}, load before "
           f"{results['load_before'][0]:.2f}\n")
     print(summarise(results["runs"], args.target))
     print(f"Numbers written to {args.json}")
