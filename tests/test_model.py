@@ -9,7 +9,7 @@ import torch
 from helpers import TINY_MODEL
 
 from fundamentallm.config import Config, ModelConfig, TrainingConfig, resolve_config
-from fundamentallm.model import GPT, Dropout
+from fundamentallm.model import GPT
 
 VARIANTS = {
     "guide": {},
@@ -138,31 +138,3 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32(variant: str) -> None:
     assert logits.dtype == torch.bfloat16 and abs(half.item() - full.item()) < 0.02
     for g32, p in zip(grads, model.parameters(), strict=True):
         assert torch.allclose(p.grad, g32, atol=2e-2 * g32.abs().max().item() + 1e-6)
-
-
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_cpu_dropout_drops_its_share_and_scales_what_it_keeps(p: float) -> None:
-    dropout = Dropout(p).train()
-    x = torch.randn(64, 128, 128, requires_grad=True)
-    y = dropout(x)
-    kept = y != 0
-    assert abs((1 - kept.float().mean().item()) - p) < 0.005  # 1M elements: the share is p to within 0.5%
-    assert torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-5)
-    y.backward(torch.ones_like(y))  # the gradient flows through the kept elements only, scaled alike
-    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.full_like(x[kept], 1 / (1 - p)))
-    torch.manual_seed(3)
-    first = dropout(x) != 0
-    torch.manual_seed(3)
-    assert torch.equal(dropout(x) != 0, first)  # seeded: a resumed run draws what the uninterrupted one did
-    assert dropout.eval()(x) is x and Dropout(0.0).train()(x) is x
-
-
-def test_model_trains_with_cpu_dropout_and_evaluates_without_it() -> None:
-    model = tiny(dropout=0.2)
-    x = torch.randint(0, 50, (4, 16))
-    with torch.no_grad():
-        a, _ = model(x)
-        b, _ = model(x)
-        model.train()
-        c, _ = model(x)
-    assert torch.equal(a, b) and not torch.allclose(a, c, atol=1e-3)

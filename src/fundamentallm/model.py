@@ -36,44 +36,6 @@ def _rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
     return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
 
 
-class Dropout(nn.Module):
-    """nn.Dropout, faster on a CPU: PyTorch's CPU kernel draws a random float for every element, which took a
-    tenth of fast-cpu's step; this draws 16 random bits per element (two from each 32-bit draw), so `p` is
-    rounded to a multiple of 1/65,536. Elsewhere (GPUs: a fused kernel already) it is F.dropout."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu" or self.p >= 1.0:
-            return F.dropout(x, self.p, training=True)
-        return _CPUDropout.apply(x, self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class _CPUDropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, p: float) -> torch.Tensor:
-        dropped = round(p * 65536)
-        n = x.numel()
-        bits = torch.empty((n + 1) // 2, dtype=torch.int32).random_(-2**31, None).view(torch.int16)[:n]
-        # Keep an element when its 16 bits, read as a signed number, are at or above the dropped share's end.
-        scale = torch.tensor(65536 / (65536 - dropped), dtype=x.dtype)
-        mask = torch.where(bits.view(x.shape) >= dropped - 32768, scale, torch.zeros((), dtype=x.dtype))
-        ctx.save_for_backward(mask)
-        return x * mask
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
-
-
 class KVCache:
     """Keys and values of every layer for the positions generated so far: each new token costs one position.
 
@@ -157,7 +119,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else None
         self.attention_dropout = cfg.attention_dropout
-        self.resid_dropout = Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -203,7 +165,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
@@ -239,7 +201,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(context_length, cfg.head_dim)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
         if cfg.residual_scalars:  # before block i: x = resid_scale[i] * x + x0_scale[i] * (embedding output)
             self.resid_scale = nn.Parameter(torch.ones(cfg.num_layers))
             self.x0_scale = nn.Parameter(torch.zeros(cfg.num_layers))
