@@ -122,6 +122,8 @@ def test_a_short_time_budget_takes_the_presets_short_budget_keys() -> None:
     assert short.model.dropout == 0 < resolve_config("fast-cpu").model.dropout
     assert short.training.weight_decay == 0.1 < resolve_config("fast-cpu").training.weight_decay
     assert short.model.tie_embeddings and not full.tie_embeddings  # untying pays only over many passes too
+    # The full model's schedule decays to zero; the short one keeps the floor it was measured with.
+    assert short.training.min_lr_ratio == 0.1 > resolve_config("fast-cpu").training.min_lr_ratio == 0
     assert notes and "num_layers" in notes[0] and "model.dropout=0.0" in notes[0]
     assert "training.weight_decay=0.1" in notes[0]
     # A longer budget, or none, keeps the preset's model; so does a resumed run (its stored config has no section).
